@@ -1,0 +1,1287 @@
+//! The lifecycle operations of DESIGN.md §2: add, acquire, release, remove
+//! (cascading, non-blocking, with force / dry-run / deadline), stop,
+//! re-enable, bind, unbind, kernel removal, driver exit completion and
+//! deadline expiry.
+//!
+//! Every operation validates before it mutates, so a refused operation
+//! changes nothing and emits nothing. Every operation costs O(the subtree it
+//! touches) and never waits: a busy object is marked and settles later, when
+//! the release that makes it idle arrives.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use proto::{Kind, OnTimeout, Origin, RemoveOutcome, State};
+
+use crate::driver::{Exit, ImplId, ProbeOptions};
+use crate::error::{Error, ErrorKind, Result};
+use crate::event::{Effect, Event};
+use crate::ids::{Micros, ObjectId, RefId, RequestId};
+use crate::model::{kind_slot, Admin, Holder, Key, Model, Object, ReferenceInfo, Request, NONE};
+use crate::validate;
+
+/// What to add.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AddRequest {
+    /// Driver, host or device.
+    pub kind: Kind,
+    /// Its name (unique per kind among objects that are not `gone`).
+    pub name: String,
+    /// Its parent: none for drivers; none or a device for hosts; a host or
+    /// device (or none, for stand-alone kernel devices) for devices.
+    pub parent: Option<ObjectId>,
+    /// A driver to bind it to at creation.
+    pub driver: Option<ObjectId>,
+    /// Options for that driver's probe (e.g. how many LUNs to scan).
+    pub probe: ProbeOptions,
+    /// Initial attributes.
+    pub attributes: BTreeMap<String, String>,
+    /// Where it comes from.
+    pub origin: Origin,
+    /// Kernel subsystem (udev objects).
+    pub subsystem: String,
+    /// sysfs path (udev objects).
+    pub sys_path: String,
+    /// The driver implementation that tears the real thing down on removal
+    /// (udev objects); without one, a udev object cannot be removed.
+    pub handler: Option<String>,
+}
+
+impl AddRequest {
+    /// An API-origin object of this kind and name, with nothing else set.
+    pub fn new(kind: Kind, name: impl Into<String>) -> Self {
+        AddRequest {
+            kind,
+            name: name.into(),
+            parent: None,
+            driver: None,
+            probe: ProbeOptions::default(),
+            attributes: BTreeMap::new(),
+            origin: Origin::Api,
+            subsystem: String::new(),
+            sys_path: String::new(),
+            handler: None,
+        }
+    }
+
+    /// Sets the parent.
+    pub fn parent(mut self, parent: ObjectId) -> Self {
+        self.parent = Some(parent);
+        self
+    }
+
+    /// Binds to this driver at creation.
+    pub fn driver(mut self, driver: ObjectId) -> Self {
+        self.driver = Some(driver);
+        self
+    }
+
+    /// Asks the driver's probe to scan this many LUNs.
+    pub fn luns(mut self, luns: u32) -> Self {
+        self.probe.luns = Some(luns);
+        self
+    }
+
+    /// Adds one attribute.
+    pub fn attribute(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.attributes.insert(key.into(), value.into());
+        self
+    }
+}
+
+/// How to remove.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RemoveOptions {
+    /// Revoke every reference in the affected set and complete at once.
+    pub force: bool,
+    /// Report what would happen; change nothing.
+    pub dry_run: bool,
+    /// If the removal is left pending: how long it may wait (µs), and what
+    /// to do then.
+    pub timeout: Option<(Micros, OnTimeout)>,
+}
+
+/// One object a removal is still waiting on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingObject {
+    /// The object.
+    pub id: ObjectId,
+    /// Its kind.
+    pub kind: Kind,
+    /// Its name.
+    pub name: Arc<str>,
+    /// Its state now.
+    pub state: State,
+    /// The references that keep it.
+    pub holders: Vec<ReferenceInfo>,
+}
+
+/// The answer to a removal request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoveReport {
+    /// `removed` if the object is gone from the model, else `pending`.
+    pub outcome: RemoveOutcome,
+    /// What the removal still waits on (empty when removed), children first.
+    pub pending: Vec<PendingObject>,
+}
+
+/// Outcome of a driver action reported back by the caller.
+pub type ExitResult = std::result::Result<(), String>;
+
+impl Model {
+    // ----------------------------------------------------------------- add
+
+    /// Adds an object (and, when bound to a scanning driver, what it finds).
+    pub fn add(&mut self, req: AddRequest) -> Result<ObjectId> {
+        validate::name(&req.name)?;
+        validate::attributes(&req.attributes)?;
+        if self.objects.len() >= (NONE as usize) - 1 {
+            return Err(Error::new(ErrorKind::QuotaExceeded, "the model is full"));
+        }
+        let parent = match req.parent {
+            None => NONE,
+            Some(id) => self.key(id)?,
+        };
+        if parent != NONE {
+            let p = self.obj(parent);
+            let allowed = match req.kind {
+                Kind::Driver => false,
+                Kind::Host => p.kind == Kind::Device,
+                Kind::Device => p.kind != Kind::Driver,
+            };
+            if !allowed {
+                return Err(Error::invalid_argument(format!(
+                    "a {} cannot be the parent of a {}",
+                    p.kind, req.kind
+                )));
+            }
+            self.require_live_chain(parent, "accepts no new children")?;
+        }
+        self.require_free_name(req.kind, &req.name)?;
+        let handler = match &req.handler {
+            None => None,
+            Some(name) => Some(self.registry.find(name).ok_or_else(|| {
+                Error::invalid_argument(format!("no driver implementation named {name:?}"))
+            })?),
+        };
+        let implementation = if req.kind == Kind::Driver {
+            self.registry.find(&req.name)
+        } else {
+            None
+        };
+        // Validate the binding and run the probe before creating anything, so
+        // that a refused bind leaves no half-made object behind.
+        let binding = match req.driver {
+            None if req.probe.luns.is_some() => {
+                return Err(Error::invalid_argument(
+                    "luns needs a driver that scans (bind to sim-scsi)",
+                ))
+            }
+            None => None,
+            Some(driver) => {
+                if req.kind == Kind::Driver {
+                    return Err(Error::invalid_argument("a driver cannot be bound to a driver"));
+                }
+                let d = self.key(driver)?;
+                let view_name = req.name.clone();
+                let probe_view = crate::driver::ObjectView {
+                    id: ObjectId(self.next_object.peek()),
+                    kind: req.kind,
+                    name: &view_name,
+                    attributes: &req.attributes,
+                    origin: req.origin,
+                    subsystem: &req.subsystem,
+                    sys_path: &req.sys_path,
+                };
+                let found = self.probe(d, &probe_view, &req.probe)?;
+                Some((d, found))
+            }
+        };
+
+        let id = ObjectId(self.next_object.next());
+        let key = self.insert_object(Object {
+            id,
+            name: Arc::from(req.name),
+            kind: req.kind,
+            origin: req.origin,
+            admin: Admin::Live,
+            gone: false,
+            exiting: false,
+            scanned: false,
+            handler,
+            parent,
+            pos_in_parent: 0,
+            children: Vec::new(),
+            scanned_children: 0,
+            driver: NONE,
+            pos_in_driver: 0,
+            refs: Vec::new(),
+            removal: None,
+            unbind_hold: None,
+            attributes: req.attributes,
+            extra: None,
+        });
+        {
+            let o = self.obj_mut(key);
+            if !req.subsystem.is_empty() || !req.sys_path.is_empty() || implementation.is_some() {
+                let extra = o.extra_mut();
+                extra.subsystem = req.subsystem;
+                extra.sys_path = req.sys_path;
+                extra.implementation = implementation;
+            }
+        }
+        self.events.push(Event::Added(Box::new(self.info(key))));
+        if let Some((d, found)) = binding {
+            self.bind_now(key, d);
+            self.create_scanned(key, d, found);
+        }
+        Ok(id)
+    }
+
+    fn insert_object(&mut self, object: Object) -> Key {
+        let (id, kind, name, parent) = (object.id, object.kind, Arc::clone(&object.name), object.parent);
+        let key = self.objects.insert(object) as Key;
+        self.ids.insert(id, key);
+        self.names[kind_slot(kind)].insert(name, key);
+        if parent != NONE {
+            let pos = self.obj(parent).children.len() as u32;
+            self.obj_mut(parent).children.push(key);
+            self.obj_mut(key).pos_in_parent = pos;
+        }
+        key
+    }
+
+    /// Runs driver `d`'s probe on a would-be bound object and validates what
+    /// it found (names free and distinct). Changes nothing.
+    fn probe(
+        &self,
+        d: Key,
+        view: &crate::driver::ObjectView<'_>,
+        options: &ProbeOptions,
+    ) -> Result<Vec<crate::driver::NewChild>> {
+        let driver = self.obj(d);
+        if driver.kind != Kind::Driver {
+            return Err(Error::invalid_argument(format!(
+                "{} is not a driver",
+                self.describe(d)
+            )));
+        }
+        if driver.state() != State::Live {
+            return Err(Error::invalid_state(format!(
+                "{} is {}: it accepts no new bindings",
+                self.describe(d),
+                driver.state()
+            )));
+        }
+        let Some(implementation) = driver.extra.as_ref().and_then(|e| e.implementation) else {
+            if options.luns.is_some() {
+                return Err(Error::invalid_argument(format!(
+                    "{} does not scan; luns needs a scanning driver such as sim-scsi",
+                    self.describe(d)
+                )));
+            }
+            return Ok(Vec::new());
+        };
+        let found = self.registry.get(implementation).probe(view, options)?;
+        let mut fresh = std::collections::HashSet::with_capacity(found.len());
+        for child in &found {
+            validate::name(&child.name)?;
+            validate::attributes(&child.attributes)?;
+            if child.kind == Kind::Driver {
+                return Err(Error::invalid_argument("a probe cannot create drivers"));
+            }
+            self.require_free_name(child.kind, &child.name)?;
+            if !fresh.insert((child.kind, child.name.as_str())) {
+                return Err(Error::new(
+                    ErrorKind::NameInUse,
+                    format!("the probe found two {}s named {:?}", child.kind, child.name),
+                ));
+            }
+        }
+        if self.objects.len() + found.len() >= (NONE as usize) - 1 {
+            return Err(Error::new(ErrorKind::QuotaExceeded, "the model is full"));
+        }
+        Ok(found)
+    }
+
+    fn create_scanned(&mut self, parent: Key, d: Key, found: Vec<crate::driver::NewChild>) {
+        let implementation = self.obj(d).extra.as_ref().and_then(|e| e.implementation);
+        for child in found {
+            let id = ObjectId(self.next_object.next());
+            let origin = self.obj(parent).origin;
+            let key = self.insert_object(Object {
+                id,
+                name: Arc::from(child.name),
+                kind: child.kind,
+                origin,
+                admin: Admin::Live,
+                gone: false,
+                exiting: false,
+                scanned: true,
+                handler: implementation,
+                parent,
+                pos_in_parent: 0,
+                children: Vec::new(),
+                scanned_children: 0,
+                driver: NONE,
+                pos_in_driver: 0,
+                refs: Vec::new(),
+                removal: None,
+                unbind_hold: None,
+                attributes: child.attributes,
+                extra: None,
+            });
+            self.obj_mut(parent).scanned_children += 1;
+            self.events.push(Event::Added(Box::new(self.info(key))));
+        }
+    }
+
+    fn require_free_name(&self, kind: Kind, name: &str) -> Result<()> {
+        match self.names[kind_slot(kind)].get(name) {
+            None => Ok(()),
+            Some(&k) => Err(Error::new(
+                ErrorKind::NameInUse,
+                format!("{} already has that name", self.describe(k)),
+            )),
+        }
+    }
+
+    /// Rule 3: `key` and every ancestor must be live.
+    fn require_live_chain(&self, key: Key, what: &str) -> Result<()> {
+        let mut k = key;
+        while k != NONE {
+            let o = self.obj(k);
+            let state = o.state();
+            if state != State::Live {
+                let subject = if k == key {
+                    format!("{} is {state}: it {what}", self.describe(k))
+                } else {
+                    format!(
+                        "{} is {state}, so {} {what}",
+                        self.describe(k),
+                        self.describe(key)
+                    )
+                };
+                return Err(Error::invalid_state(subject));
+            }
+            k = o.parent;
+        }
+        Ok(())
+    }
+
+    /// "device 0:0:0:1 (id 7)", for messages.
+    pub(crate) fn describe(&self, key: Key) -> String {
+        let o = self.obj(key);
+        format!("{} {} (id {})", o.kind, o.name, o.id)
+    }
+
+    // ------------------------------------------------------- references
+
+    /// Takes a reference on an object (rule 3: it and its ancestors must be live).
+    pub fn acquire(
+        &mut self,
+        id: ObjectId,
+        holder: Arc<Holder>,
+        reason: impl Into<Arc<str>>,
+        now: Micros,
+    ) -> Result<RefId> {
+        let key = self.key(id)?;
+        let reason = reason.into();
+        validate::reason(&reason)?;
+        self.require_live_chain(key, "accepts no new references")?;
+        let pos = self.obj(key).refs.len();
+        if pos >= u32::MAX as usize - 1 || self.refs.len() >= NONE as usize - 1 {
+            return Err(Error::new(ErrorKind::QuotaExceeded, "too many references"));
+        }
+        let pos = pos as u32;
+        let reference = RefId(self.next_ref.next());
+        let rkey = self.refs.insert(crate::model::Reference {
+            id: reference,
+            object: key,
+            pos,
+            holder,
+            reason,
+            since: now,
+        }) as Key;
+        self.ref_ids.insert(reference, rkey);
+        let o = self.obj_mut(key);
+        o.refs.push(rkey);
+        let ref_count = o.refs.len() as u32;
+        self.events.push(Event::Acquired {
+            id,
+            reference,
+            ref_count,
+        });
+        Ok(reference)
+    }
+
+    /// Drops a reference. A pending removal waiting on it completes now if
+    /// the object became idle.
+    pub fn release(&mut self, reference: RefId) -> Result<()> {
+        let rkey = self
+            .ref_ids
+            .get(&reference)
+            .copied()
+            .ok_or_else(|| Error::not_found(format!("no reference with id {reference}")))?;
+        let key = self.detach_ref(rkey);
+        let o = self.obj(key);
+        let (id, ref_count) = (o.id, o.refs.len() as u32);
+        let waiting = o.removal.is_some() || o.gone || o.unbind_hold.is_some();
+        self.events.push(Event::Released {
+            id,
+            reference,
+            ref_count,
+        });
+        if waiting {
+            self.settle(key);
+        }
+        Ok(())
+    }
+
+    /// Removes a reference from the indexes; returns the object it was on.
+    fn detach_ref(&mut self, rkey: Key) -> Key {
+        let r = self.refs.remove(rkey as usize);
+        self.ref_ids.remove(&r.id);
+        let o = self.obj_mut(r.object);
+        o.refs.swap_remove(r.pos as usize);
+        if let Some(&moved) = o.refs.get(r.pos as usize) {
+            self.refs[moved as usize].pos = r.pos;
+        }
+        r.object
+    }
+
+    /// Revokes every reference on `key` (rule 9), telling the holders through
+    /// `Revoked` events.
+    fn revoke_all(&mut self, key: Key) {
+        while let Some(&rkey) = self.obj(key).refs.last() {
+            let reference = self.refs[rkey as usize].id;
+            self.detach_ref(rkey);
+            let o = self.obj(key);
+            self.events.push(Event::Revoked {
+                id: o.id,
+                reference,
+                ref_count: o.refs.len() as u32,
+            });
+        }
+    }
+
+    // --------------------------------------------------------- settling
+
+    /// Completes whatever became possible now that `start` may be idle:
+    /// pending removals, kernel-gone objects, held-back unbindings — and then
+    /// their parents and drivers, transitively.
+    pub(crate) fn settle(&mut self, start: Key) {
+        let mut work = vec![(start, self.obj(start).id)];
+        while let Some((k, id)) = work.pop() {
+            // Keys are reused by the slab, so check that it is still the same object.
+            let Some(o) = self.objects.get(k as usize) else {
+                continue;
+            };
+            if o.id != id || o.exiting {
+                continue;
+            }
+            if o.unbind_hold.is_some() && o.refs.is_empty() && o.scanned_children == 0 {
+                let d = o.driver;
+                self.unbind_now(k);
+                work.push((d, self.obj(d).id));
+                work.push((k, id));
+                continue;
+            }
+            if !o.is_idle() || !(o.gone || o.removal.is_some()) {
+                continue;
+            }
+            let (parent, driver) = (o.parent, o.driver);
+            let next: Vec<(Key, ObjectId)> = [parent, driver]
+                .into_iter()
+                .filter(|&p| p != NONE)
+                .map(|p| (p, self.obj(p).id))
+                .collect();
+            let removed = if self.obj(k).gone {
+                self.finish_removal(k);
+                true
+            } else {
+                let req = self.obj(k).removal.unwrap_or(RequestId(0));
+                self.begin_exit(k, req)
+            };
+            if removed {
+                work.extend(next);
+            }
+        }
+    }
+
+    /// Changes an object through `change`, keeping the pending count in step
+    /// and emitting exactly one `StateChanged` if its visible state moved.
+    fn change_state(&mut self, key: Key, change: impl FnOnce(&mut Object)) {
+        let o = self.obj_mut(key);
+        let from = o.state();
+        change(o);
+        let to = o.state();
+        let id = o.id;
+        if from != to {
+            if from == State::Removing {
+                self.pending -= 1;
+            }
+            if to == State::Removing {
+                self.pending += 1;
+            }
+            self.events.push(Event::StateChanged { id, from, to });
+        }
+    }
+
+    /// How the real thing behind `key` is torn down.
+    fn exit_plan(&self, key: Key) -> Exit {
+        let o = self.obj(key);
+        let implementation: Option<ImplId> = o.handler.or_else(|| {
+            (o.driver != NONE)
+                .then(|| self.obj(o.driver).extra.as_ref().and_then(|e| e.implementation))
+                .flatten()
+        });
+        match implementation {
+            Some(i) => self.registry.get(i).exit(&o.view()),
+            None if o.origin == Origin::Udev => Exit::NotSupported(format!(
+                "{} has no driver that can remove the real device",
+                self.describe(key)
+            )),
+            None => Exit::Done,
+        }
+    }
+
+    /// Starts tearing down an idle object that must go. Returns whether it
+    /// is gone from the model now.
+    fn begin_exit(&mut self, key: Key, req: RequestId) -> bool {
+        match self.exit_plan(key) {
+            Exit::Done => {
+                self.finish_removal(key);
+                true
+            }
+            Exit::Later(action) => {
+                self.change_state(key, |o| {
+                    o.removal = Some(req);
+                    o.exiting = true;
+                });
+                self.release_scanned(key);
+                let o = self.obj(key);
+                let driver = o
+                    .handler
+                    .or_else(|| {
+                        (o.driver != NONE)
+                            .then(|| self.obj(o.driver).extra.as_ref().and_then(|e| e.implementation))
+                            .flatten()
+                    })
+                    .map_or("", |i| self.registry.get(i).name());
+                self.effects.push(Effect::Exit {
+                    id: o.id,
+                    driver,
+                    action,
+                });
+                false
+            }
+            Exit::Failed(error) | Exit::NotSupported(error) => {
+                self.fail_exit(key, error);
+                false
+            }
+        }
+    }
+
+    /// A driver could not let go: the object stays, `stopped`, with the error
+    /// shown, and is no longer its parent's driver's to tear down.
+    fn fail_exit(&mut self, key: Key, error: String) {
+        let was_root = self.root_request_of(key);
+        self.change_state(key, |o| {
+            o.removal = None;
+            o.exiting = false;
+            o.admin = Admin::Stopped;
+        });
+        if let Some(req) = was_root {
+            self.drop_request(req);
+        }
+        self.release_scanned(key);
+        self.set_error(key, error);
+    }
+
+    fn set_error(&mut self, key: Key, error: String) {
+        let o = self.obj_mut(key);
+        let current = o.extra.as_ref().map_or("", |e| &*e.last_error);
+        if current == error {
+            return;
+        }
+        let error: Arc<str> = Arc::from(error);
+        o.extra_mut().last_error = Arc::clone(&error);
+        let id = o.id;
+        self.events.push(Event::ErrorChanged { id, error });
+    }
+
+    /// A scanned object that its driver no longer tears down (exiting, failed,
+    /// or gone) stops counting against its parent's unbinding.
+    fn release_scanned(&mut self, key: Key) {
+        let o = self.obj_mut(key);
+        if !o.scanned {
+            return;
+        }
+        o.scanned = false;
+        let parent = o.parent;
+        if parent != NONE {
+            let p = self.obj_mut(parent);
+            p.scanned_children -= 1;
+            if p.unbind_hold.is_some() && p.scanned_children == 0 {
+                self.settle(parent);
+            }
+        }
+    }
+
+    /// Takes an idle object out of the model for good.
+    fn finish_removal(&mut self, key: Key) {
+        if self.obj(key).driver != NONE {
+            self.unbind_now(key);
+        }
+        if let Some(req) = self.root_request_of(key) {
+            self.drop_request(req);
+        }
+        let o = self.objects.remove(key as usize);
+        debug_assert!(o.refs.is_empty() && o.children.is_empty() && o.bound().is_empty());
+        let state = o.state();
+        if state == State::Removing {
+            self.pending -= 1;
+        }
+        if !o.gone {
+            self.names[kind_slot(o.kind)].remove(&*o.name);
+        }
+        self.ids.remove(&o.id);
+        if o.parent != NONE {
+            let p = self.obj_mut(o.parent);
+            p.children.swap_remove(o.pos_in_parent as usize);
+            if let Some(&moved) = p.children.get(o.pos_in_parent as usize) {
+                self.obj_mut(moved).pos_in_parent = o.pos_in_parent;
+            }
+            if o.scanned && !o.exiting {
+                self.obj_mut(o.parent).scanned_children -= 1;
+            }
+        }
+        self.events.push(Event::Removed {
+            id: o.id,
+            kind: o.kind,
+            name: o.name,
+            was_pending: matches!(state, State::Removing | State::Gone),
+        });
+    }
+
+    /// The request whose root `key` is, if any.
+    fn root_request_of(&self, key: Key) -> Option<RequestId> {
+        let req = self.obj(key).removal?;
+        (self.requests.get(&req)?.root == key).then_some(req)
+    }
+
+    fn drop_request(&mut self, req: RequestId) {
+        if let Some(r) = self.requests.remove(&req) {
+            if let Some((t, _)) = r.deadline {
+                self.deadlines.remove(&(t, req));
+            }
+        }
+    }
+
+    // ---------------------------------------------------------- binding
+
+    fn bind_now(&mut self, key: Key, d: Key) {
+        let pos = self.obj(d).bound().len() as u32;
+        self.obj_mut(d).extra_mut().bound.push(key);
+        let o = self.obj_mut(key);
+        o.driver = d;
+        o.pos_in_driver = pos;
+        let (id, driver) = (o.id, self.obj(d).id);
+        self.events.push(Event::Bound { id, driver });
+    }
+
+    fn unbind_now(&mut self, key: Key) {
+        let (d, pos) = {
+            let o = self.obj(key);
+            (o.driver, o.pos_in_driver as usize)
+        };
+        let bound = &mut self.obj_mut(d).extra_mut().bound;
+        bound.swap_remove(pos);
+        if let Some(&moved) = bound.get(pos) {
+            self.obj_mut(moved).pos_in_driver = pos as u32;
+        }
+        self.change_state(key, |o| {
+            o.driver = NONE;
+            o.unbind_hold = None;
+        });
+        let (id, driver) = (self.obj(key).id, self.obj(d).id);
+        self.events.push(Event::Unbound { id, driver });
+    }
+
+    /// Binds a host or device to a driver, running the driver's probe.
+    pub fn bind(&mut self, id: ObjectId, driver: ObjectId, options: ProbeOptions) -> Result<()> {
+        let key = self.key(id)?;
+        let d = self.key(driver)?;
+        if self.obj(key).kind == Kind::Driver {
+            return Err(Error::invalid_argument("only hosts and devices can be bound"));
+        }
+        if self.obj(key).driver == d {
+            return Ok(());
+        }
+        if self.obj(key).driver != NONE {
+            return Err(Error::invalid_state(format!(
+                "{} is bound to {}: unbind it first",
+                self.describe(key),
+                self.describe(self.obj(key).driver)
+            )));
+        }
+        self.require_live_chain(key, "accepts no new bindings")?;
+        let found = self.probe(d, &self.obj(key).view(), &options)?;
+        self.bind_now(key, d);
+        self.create_scanned(key, d, found);
+        Ok(())
+    }
+
+    /// Unbinds a host or device from its driver, tearing down what the
+    /// driver's probe created under it. Refused while anything involved is
+    /// referenced, unless `force` revokes those references.
+    pub fn unbind(&mut self, id: ObjectId, force: bool) -> Result<()> {
+        let key = self.key(id)?;
+        if self.obj(key).driver == NONE {
+            return Ok(());
+        }
+        let scanned = self.scanned_subtrees(key);
+        let holders: usize = std::iter::once(key)
+            .chain(scanned.iter().map(|&(k, _)| k))
+            .map(|k| self.obj(k).refs.len())
+            .sum();
+        if holders > 0 && !force {
+            return Err(Error::invalid_state(format!(
+                "{} and what its driver created are in use by {holders} reference(s); \
+                 release them or unbind with force",
+                self.describe(key)
+            )));
+        }
+        // An explicit unbind completes in one step, so every exit it needs
+        // must be synchronous; otherwise removing the driver is the way.
+        for &(k, _) in &scanned {
+            match self.exit_plan(k) {
+                Exit::Done => {}
+                Exit::Later(_) => {
+                    return Err(Error::invalid_state(format!(
+                        "the driver needs time to let go of {}: remove the object or the driver instead",
+                        self.describe(k)
+                    )))
+                }
+                Exit::Failed(why) => return Err(Error::invalid_state(why)),
+                Exit::NotSupported(why) => return Err(Error::new(ErrorKind::NotSupported, why)),
+            }
+        }
+        if force {
+            self.revoke_all(key);
+            for &(k, _) in &scanned {
+                self.revoke_all(k);
+            }
+        }
+        for (k, _) in scanned {
+            // All idle with synchronous exits: each goes at once, children first.
+            self.finish_removal(k);
+        }
+        self.unbind_now(key);
+        let d = self.obj_mut(key).driver;
+        debug_assert_eq!(d, NONE);
+        Ok(())
+    }
+
+    /// Post-order (children first) keys of the subtrees of `key`'s scanned children.
+    fn scanned_subtrees(&self, key: Key) -> Vec<(Key, ObjectId)> {
+        let mut out = Vec::new();
+        for &c in &self.obj(key).children {
+            if self.obj(c).scanned {
+                out.extend(self.post_order(c));
+            }
+        }
+        out
+    }
+
+    /// `key`'s subtree, children before parents, as (key, id) pairs so that a
+    /// walk can skip objects that an earlier step of it removed.
+    pub(crate) fn post_order(&self, key: Key) -> Vec<(Key, ObjectId)> {
+        let mut out = Vec::new();
+        let mut stack = vec![(key, false)];
+        while let Some((k, expanded)) = stack.pop() {
+            if expanded {
+                out.push((k, self.obj(k).id));
+            } else {
+                stack.push((k, true));
+                stack.extend(self.obj(k).children.iter().map(|&c| (c, false)));
+            }
+        }
+        out
+    }
+
+    // ---------------------------------------------------------- removal
+
+    /// Removes an object (rules 1, 4, 5, 9, 10, 11, 16). Never waits: a busy
+    /// object is left `removing` and completes by itself when idle.
+    pub fn remove(&mut self, id: ObjectId, options: RemoveOptions, now: Micros) -> Result<RemoveReport> {
+        let key = self.key(id)?;
+        let deadline = match options.timeout {
+            None => None,
+            Some((0, _)) => {
+                return Err(Error::invalid_argument("a removal timeout must be at least 1 second"))
+            }
+            Some((after, action)) => Some((now.saturating_add(after), action)),
+        };
+        let affected = self.affected_set(key);
+        if let Some(k) = affected.iter().map(|&(k, _)| k).find(|&k| self.needs_unsupported_exit(k)) {
+            let Exit::NotSupported(why) = self.exit_plan(k) else {
+                unreachable!("needs_unsupported_exit checked the plan")
+            };
+            return Err(Error::new(ErrorKind::NotSupported, why));
+        }
+        let root = self.obj(key);
+        let already = root.removal.is_some() || root.gone || root.exiting;
+        if options.dry_run {
+            return Ok(self.predict_removal(key, &affected, options.force));
+        }
+        if already && !options.force {
+            return Ok(self.report(id, &affected));
+        }
+        if options.force {
+            for &(k, _) in &affected {
+                self.revoke_all(k);
+            }
+        }
+        let req = match self.root_request_of(key) {
+            Some(existing) => existing,
+            None => {
+                let req = RequestId(self.next_request.next());
+                self.requests.insert(req, Request { root: key, deadline: None });
+                req
+            }
+        };
+        if self.obj(key).kind == Kind::Driver {
+            self.remove_driver(key, req);
+        } else {
+            for &(k, kid) in &affected {
+                if self.alive(k, kid) {
+                    self.cascade_step(k, req, key);
+                }
+            }
+        }
+        if !self.contains(id) || self.obj(key).removal != Some(req) {
+            // The root went at once, or did not end up pending on this request
+            // (its exit failed, or it belongs to an ancestor's removal).
+            self.drop_request(req);
+        }
+        if let (Some((t, action)), Some(r)) = (deadline, self.requests.get_mut(&req)) {
+            if let Some((old, _)) = r.deadline.replace((t, action)) {
+                self.deadlines.remove(&(old, req));
+            }
+            self.deadlines.insert((t, req));
+        }
+        Ok(self.report(id, &affected))
+    }
+
+    /// Whether `key` would have to exit through a driver that cannot remove it.
+    fn needs_unsupported_exit(&self, key: Key) -> bool {
+        let o = self.obj(key);
+        !o.gone && !o.exiting && matches!(self.exit_plan(key), Exit::NotSupported(_))
+    }
+
+    /// What a removal of `key` touches: its subtree, children first; for a
+    /// driver, the subtrees its probes created, the bound objects, then itself.
+    fn affected_set(&self, key: Key) -> Vec<(Key, ObjectId)> {
+        let o = self.obj(key);
+        if o.kind != Kind::Driver {
+            return self.post_order(key);
+        }
+        let mut out = Vec::new();
+        for &b in o.bound() {
+            out.extend(self.scanned_subtrees(b));
+            out.push((b, self.obj(b).id));
+        }
+        out.push((key, o.id));
+        out
+    }
+
+    /// Whether `key` still names the object `id` (keys are reused by the slab).
+    fn alive(&self, key: Key, id: ObjectId) -> bool {
+        self.objects.get(key as usize).is_some_and(|o| o.id == id)
+    }
+
+    /// One step of a cascade (rule 4), applied children first: an idle object
+    /// goes now; a busy one becomes `removing` and its holders are asked to
+    /// let go; one already on its way keeps its own request.
+    fn cascade_step(&mut self, key: Key, req: RequestId, root: Key) {
+        let o = self.obj(key);
+        if o.exiting {
+            return;
+        }
+        if o.gone || o.removal.is_some() {
+            // Already on its way under its own request; after a force it may
+            // be idle now, so let it finish.
+            if o.is_idle() {
+                self.settle(key);
+            }
+            return;
+        }
+        if o.is_idle() {
+            self.begin_exit(key, req);
+            return;
+        }
+        self.change_state(key, |o| o.removal = Some(req));
+        self.request_release(key, root);
+    }
+
+    /// Rule 11: tells the holders of `key` that a removal waits on them.
+    fn request_release(&mut self, key: Key, root: Key) {
+        let o = self.obj(key);
+        if o.refs.is_empty() {
+            return;
+        }
+        let references = o.refs.iter().map(|&r| self.refs[r as usize].id).collect();
+        let (id, waiting_for) = (o.id, self.obj(root).id);
+        self.events.push(Event::ReleaseRequested {
+            id,
+            waiting_for,
+            references,
+        });
+    }
+
+    /// Rule 5: unbind idle bound objects now, hold back busy ones, tear down
+    /// what the driver's probes created, and remove the driver when idle.
+    fn remove_driver(&mut self, d: Key, req: RequestId) {
+        let bound: Vec<Key> = self.obj(d).bound().to_vec();
+        for b in bound {
+            for (k, kid) in self.scanned_subtrees(b) {
+                if self.alive(k, kid) {
+                    self.cascade_step(k, req, d);
+                }
+            }
+            // Scanned children may have exited and completed the binding already.
+            if self.obj(b).driver != d {
+                continue;
+            }
+            let o = self.obj(b);
+            if o.refs.is_empty() && o.scanned_children == 0 {
+                self.unbind_now(b);
+            } else if o.unbind_hold.is_none() {
+                self.change_state(b, |o| o.unbind_hold = Some(req));
+                self.request_release(b, d);
+            }
+        }
+        self.cascade_step(d, req, d);
+    }
+
+    /// What a removal would do, without doing it: an object goes at once if
+    /// it is unreferenced (or forced), its children all go, and its driver
+    /// lets go synchronously; a driver's bound object is unbound at once if
+    /// it is unreferenced (or forced) and what its probe created all goes.
+    fn predict_removal(&self, key: Key, affected: &[(Key, ObjectId)], force: bool) -> RemoveReport {
+        let mut goes = rustc_hash::FxHashSet::default();
+        let root_is_driver = self.obj(key).kind == Kind::Driver;
+        let mut pending = Vec::new();
+        for &(k, _) in affected {
+            let o = self.obj(k);
+            let free = force || o.refs.is_empty();
+            if root_is_driver && k != key && o.driver == key {
+                // A bound object: it is unbound, not removed.
+                let scanned_go = o
+                    .children
+                    .iter()
+                    .filter(|&&c| self.obj(c).scanned)
+                    .all(|c| goes.contains(c));
+                if free && scanned_go {
+                    goes.insert(k);
+                } else {
+                    pending.push(self.pending_object(k));
+                }
+                continue;
+            }
+            let children_go = o.children.iter().all(|c| goes.contains(c));
+            let bound_go = o.bound().iter().all(|b| goes.contains(b));
+            let exits_now = o.gone || (!o.exiting && self.exit_plan(k) == Exit::Done);
+            if free && children_go && bound_go && exits_now {
+                goes.insert(k);
+            } else {
+                pending.push(self.pending_object(k));
+            }
+        }
+        let outcome = if goes.contains(&key) {
+            RemoveOutcome::Removed
+        } else {
+            RemoveOutcome::Pending
+        };
+        RemoveReport { outcome, pending }
+    }
+
+    fn pending_object(&self, key: Key) -> PendingObject {
+        let o = self.obj(key);
+        PendingObject {
+            id: o.id,
+            kind: o.kind,
+            name: Arc::clone(&o.name),
+            state: o.state(),
+            holders: self.reference_infos(key),
+        }
+    }
+
+    /// The report after a removal: what of the affected set is still here.
+    fn report(&self, id: ObjectId, affected: &[(Key, ObjectId)]) -> RemoveReport {
+        if !self.contains(id) {
+            return RemoveReport {
+                outcome: RemoveOutcome::Removed,
+                pending: Vec::new(),
+            };
+        }
+        let pending = affected
+            .iter()
+            .filter(|&&(k, kid)| self.alive(k, kid))
+            .map(|&(k, _)| k)
+            .filter(|&k| {
+                let o = self.obj(k);
+                o.state() != State::Live || !o.refs.is_empty()
+            })
+            .map(|k| self.pending_object(k))
+            .collect();
+        RemoveReport {
+            outcome: RemoveOutcome::Pending,
+            pending,
+        }
+    }
+
+    /// Cancels a pending request and everything it caused (rule 6): objects
+    /// it made `removing` return to their administrative state, objects it
+    /// held back are released. What other requests caused is untouched.
+    fn cancel(&mut self, req: RequestId) {
+        let Some(request) = self.requests.get(&req).cloned() else {
+            return;
+        };
+        self.drop_request(req);
+        let root = request.root;
+        if self.obj(root).kind == Kind::Driver {
+            self.change_state(root, |o| o.removal = None);
+            self.release_driver_request(root, req);
+            return;
+        }
+        // If the parent is itself being removed, what this request covered
+        // still has to go: it passes to the parent's request instead.
+        let parent = self.obj(root).parent;
+        let inherit = (parent != NONE).then(|| self.obj(parent).removal).flatten();
+        let mut subtree = self.post_order(root);
+        subtree.reverse();
+        for (k, _) in subtree {
+            self.clear_removal(k, req, inherit);
+        }
+    }
+
+    /// Undoes what driver `d`'s removal `req` did to the objects bound to it:
+    /// holds are released, the teardown of what its probes created is called off.
+    fn release_driver_request(&mut self, d: Key, req: RequestId) {
+        let bound: Vec<Key> = self.obj(d).bound().to_vec();
+        for b in bound {
+            if self.obj(b).unbind_hold == Some(req) {
+                self.change_state(b, |o| o.unbind_hold = None);
+            }
+            let mut scanned = self.scanned_subtrees(b);
+            scanned.reverse();
+            for (k, _) in scanned {
+                self.clear_removal(k, req, None);
+            }
+        }
+    }
+
+    fn clear_removal(&mut self, key: Key, req: RequestId, inherit: Option<RequestId>) {
+        let o = self.obj(key);
+        if o.removal == Some(req) && !o.exiting {
+            self.change_state(key, |o| o.removal = inherit);
+        }
+    }
+
+    // ---------------------------------------------------- stop, reenable
+
+    /// Stops an object: it refuses new users and is kept. On a `removing`
+    /// object it cancels the removal and leaves it `stopped` (rule 7).
+    pub fn stop(&mut self, id: ObjectId) -> Result<()> {
+        let key = self.key(id)?;
+        self.require_cancellable(key, "stopped")?;
+        let own = self.root_request_of(key);
+        if own.is_some() && self.parent_removing(key) {
+            return Err(Error::invalid_state(format!(
+                "the parent of {} is being removed: stop or re-enable the parent",
+                self.describe(key)
+            )));
+        }
+        self.change_state(key, |o| o.admin = Admin::Stopped);
+        if let Some(req) = own {
+            self.cancel(req);
+        }
+        Ok(())
+    }
+
+    /// Re-enables a `stopped` or `removing` object (rule 6), cancelling its
+    /// pending removal and everything that removal caused.
+    pub fn reenable(&mut self, id: ObjectId) -> Result<()> {
+        let key = self.key(id)?;
+        self.require_cancellable(key, "re-enabled")?;
+        let parent = self.obj(key).parent;
+        if parent != NONE {
+            self.require_live_chain(parent, "cannot have a child re-enabled under it")?;
+        }
+        if let Some(req) = self.obj(key).unbind_hold {
+            let driver = self.requests.get(&req).map(|r| r.root).unwrap_or(self.obj(key).driver);
+            return Err(Error::invalid_state(format!(
+                "{} is held back by the pending removal of {}: re-enable that driver",
+                self.describe(key),
+                self.describe(driver)
+            )));
+        }
+        let own = self.root_request_of(key);
+        self.change_state(key, |o| o.admin = Admin::Live);
+        if let Some(req) = own {
+            self.cancel(req);
+        }
+        Ok(())
+    }
+
+    /// Refuses stop / re-enable on objects whose state cannot be taken back.
+    fn require_cancellable(&self, key: Key, verb: &str) -> Result<()> {
+        let o = self.obj(key);
+        if o.gone {
+            return Err(Error::invalid_state(format!(
+                "{} is gone (removed by the kernel) and cannot be {verb}",
+                self.describe(key)
+            )));
+        }
+        if o.exiting {
+            return Err(Error::invalid_state(format!(
+                "{} is being torn down by its driver and cannot be {verb}",
+                self.describe(key)
+            )));
+        }
+        if let Some(req) = o.removal {
+            if let Some(root) = self.requests.get(&req).map(|r| r.root) {
+                if root != key {
+                    return Err(Error::invalid_state(format!(
+                        "{} is part of the pending removal of {}: stop or re-enable that instead",
+                        self.describe(key),
+                        self.describe(root)
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn parent_removing(&self, key: Key) -> bool {
+        let parent = self.obj(key).parent;
+        parent != NONE && self.obj(parent).removal.is_some()
+    }
+
+    // ------------------------------------------------- kernel and drivers
+
+    /// Rule 8: the kernel removed the real thing. Idle objects (and the
+    /// idle part of the subtree) go at once; referenced ones become `gone`
+    /// and go when released. The name is free again at once.
+    pub fn kernel_removed(&mut self, id: ObjectId) -> Result<()> {
+        let key = self.key(id)?;
+        for (k, kid) in self.post_order(key) {
+            if !self.alive(k, kid) {
+                continue;
+            }
+            let o = self.obj(k);
+            if o.exiting || o.is_idle() {
+                // Idle, or its driver's teardown is what the kernel just confirmed.
+                let (parent, driver) = (o.parent, o.driver);
+                self.finish_removal(k);
+                for p in [parent, driver] {
+                    if p != NONE && self.objects.contains(p as usize) {
+                        self.settle(p);
+                    }
+                }
+                continue;
+            }
+            if o.gone {
+                continue;
+            }
+            if let Some(req) = self.root_request_of(k) {
+                // Its descendants were handled first; for a driver, call off
+                // what its removal did to the objects bound to it.
+                self.drop_request(req);
+                if self.obj(k).kind == Kind::Driver {
+                    self.release_driver_request(k, req);
+                }
+            }
+            self.change_state(k, |o| {
+                o.gone = true;
+                o.removal = None;
+                o.unbind_hold = None;
+            });
+            let (kind, name) = (self.obj(k).kind, Arc::clone(&self.obj(k).name));
+            self.names[kind_slot(kind)].remove(&*name);
+            self.release_scanned(k);
+            if self.obj(k).driver != NONE {
+                let d = self.obj(k).driver;
+                self.unbind_now(k);
+                self.settle(d);
+            }
+            let bound: Vec<Key> = self.obj(k).bound().to_vec();
+            for b in bound {
+                self.unbind_now(b);
+            }
+            self.settle(k);
+        }
+        Ok(())
+    }
+
+    /// The caller finished a driver action ([`Effect::Exit`]): on success the
+    /// object leaves the model; on failure it stays `stopped` with the error.
+    pub fn exit_finished(&mut self, id: ObjectId, result: ExitResult) -> Result<()> {
+        let key = self.key(id)?;
+        if !self.obj(key).exiting {
+            return Err(Error::invalid_state(format!(
+                "{} has no driver action in flight",
+                self.describe(key)
+            )));
+        }
+        match result {
+            Ok(()) => {
+                let (parent, driver) = (self.obj(key).parent, self.obj(key).driver);
+                self.finish_removal(key);
+                for p in [parent, driver] {
+                    if p != NONE {
+                        self.settle(p);
+                    }
+                }
+            }
+            Err(error) => self.fail_exit(key, error),
+        }
+        Ok(())
+    }
+
+    /// Rule 10: applies every deadline that has passed by `now`. Returns how
+    /// many requests expired.
+    pub fn tick(&mut self, now: Micros) -> usize {
+        let mut expired = 0;
+        while let Some(&(t, req)) = self.deadlines.first() {
+            if t > now {
+                break;
+            }
+            self.deadlines.pop_first();
+            let Some(request) = self.requests.get_mut(&req) else {
+                continue;
+            };
+            expired += 1;
+            let Some((_, action)) = request.deadline.take() else {
+                continue;
+            };
+            let root = request.root;
+            match action {
+                OnTimeout::Cancel => self.cancel(req),
+                OnTimeout::Revoke => {
+                    let id = self.obj(root).id;
+                    let force = RemoveOptions {
+                        force: true,
+                        ..RemoveOptions::default()
+                    };
+                    // The root is pending and exists, so this cannot fail.
+                    let _ = self.remove(id, force, now);
+                }
+            }
+        }
+        expired
+    }
+}

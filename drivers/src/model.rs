@@ -1,0 +1,546 @@
+//! The device model: objects in a slab arena addressed by never-reused ids,
+//! their tree links, driver bindings and references; read-only queries; and
+//! a from-scratch recount of every derived count (`check_invariants`).
+//!
+//! Lifecycle operations live in `lifecycle.rs`; this file owns the storage
+//! and the bookkeeping that keeps links and counts consistent.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use proto::{Kind, OnTimeout, Origin, State};
+use rustc_hash::FxHashMap;
+use slab::Slab;
+
+use crate::driver::{ImplId, ObjectView, Registry};
+use crate::error::{Error, Result};
+use crate::event::{Effect, Event};
+use crate::ids::{Counter, Micros, ObjectId, RefId, RequestId};
+
+/// Slab key of an object or reference. `u32` keeps per-object links small.
+pub(crate) type Key = u32;
+/// "No key" in a `Key` field.
+pub(crate) const NONE: Key = Key::MAX;
+
+/// Index of a kind in [`Model::names`].
+pub(crate) fn kind_slot(kind: Kind) -> usize {
+    match kind {
+        Kind::Driver => 0,
+        Kind::Host => 1,
+        Kind::Device => 2,
+    }
+}
+
+/// Administrative state set by add, stop and re-enable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Admin {
+    Live,
+    Stopped,
+}
+
+/// Who holds a reference. The daemon shares one `Holder` among all the
+/// references of one client connection.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Holder {
+    /// Opaque key the caller chooses (the daemon: its connection id).
+    pub key: u64,
+    /// The holder's bus name (or another label a person can read).
+    pub bus_name: String,
+    /// The holder's uid.
+    pub uid: u32,
+    /// The holder's pid.
+    pub pid: u32,
+}
+
+/// A reference as the outside world sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReferenceInfo {
+    /// The reference's id.
+    pub id: RefId,
+    /// The object it is on.
+    pub object: ObjectId,
+    /// Who holds it.
+    pub holder: Arc<Holder>,
+    /// Why (the holder's own words).
+    pub reason: Arc<str>,
+    /// When it was taken.
+    pub since: Micros,
+}
+
+/// A consistent description of one object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// Its identity.
+    pub id: ObjectId,
+    /// What it is.
+    pub kind: Kind,
+    /// Its name (unique per kind among objects that are not `gone`).
+    pub name: Arc<str>,
+    /// Its visible state.
+    pub state: State,
+    /// Its parent, if any.
+    pub parent: Option<ObjectId>,
+    /// The driver it is bound to, if any.
+    pub driver: Option<ObjectId>,
+    /// The references held on it.
+    pub holders: Vec<ReferenceInfo>,
+    /// Its attributes.
+    pub attributes: BTreeMap<String, String>,
+    /// Where it came from.
+    pub origin: Origin,
+    /// Its kernel subsystem ("" for API objects).
+    pub subsystem: String,
+    /// Its sysfs path ("" for API objects).
+    pub sys_path: String,
+    /// The last driver action's error ("" when it succeeded).
+    pub last_error: Arc<str>,
+}
+
+impl ObjectInfo {
+    /// How many references are held on it.
+    pub fn ref_count(&self) -> u32 {
+        u32::try_from(self.holders.len()).unwrap_or(u32::MAX)
+    }
+}
+
+/// Rarely-set fields, boxed so that a plain device stays small.
+#[derive(Debug, Default)]
+pub(crate) struct Extra {
+    pub(crate) subsystem: String,
+    pub(crate) sys_path: String,
+    pub(crate) last_error: Arc<str>,
+    /// For a driver: the objects bound to it.
+    pub(crate) bound: Vec<Key>,
+    /// For a driver: the implementation behind it.
+    pub(crate) implementation: Option<ImplId>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Object {
+    pub(crate) id: ObjectId,
+    pub(crate) name: Arc<str>,
+    pub(crate) kind: Kind,
+    pub(crate) origin: Origin,
+    pub(crate) admin: Admin,
+    /// The kernel removed the real thing while it was referenced.
+    pub(crate) gone: bool,
+    /// A driver exit is in flight; the object goes when it completes.
+    pub(crate) exiting: bool,
+    /// Created by its parent's driver probe (torn down when that driver lets go).
+    pub(crate) scanned: bool,
+    /// The driver implementation that tears this object down, if any.
+    pub(crate) handler: Option<ImplId>,
+    pub(crate) parent: Key,
+    pub(crate) pos_in_parent: u32,
+    pub(crate) children: Vec<Key>,
+    /// How many children are `scanned` and not yet let go of.
+    pub(crate) scanned_children: u32,
+    pub(crate) driver: Key,
+    pub(crate) pos_in_driver: u32,
+    pub(crate) refs: Vec<Key>,
+    /// The pending removal this object is part of.
+    pub(crate) removal: Option<RequestId>,
+    /// The pending driver removal that holds this bound object back.
+    pub(crate) unbind_hold: Option<RequestId>,
+    pub(crate) attributes: BTreeMap<String, String>,
+    pub(crate) extra: Option<Box<Extra>>,
+}
+
+impl Object {
+    /// The visible state, derived from the administrative state and what is pending.
+    pub(crate) fn state(&self) -> State {
+        if self.gone {
+            State::Gone
+        } else if self.removal.is_some() {
+            State::Removing
+        } else if self.admin == Admin::Stopped || self.unbind_hold.is_some() {
+            State::Stopped
+        } else {
+            State::Live
+        }
+    }
+
+    pub(crate) fn bound(&self) -> &[Key] {
+        self.extra.as_deref().map_or(&[], |e| &e.bound)
+    }
+
+    /// Idle: no references, no children, nothing bound (DESIGN.md §2).
+    pub(crate) fn is_idle(&self) -> bool {
+        self.refs.is_empty() && self.children.is_empty() && self.bound().is_empty()
+    }
+
+    pub(crate) fn extra_mut(&mut self) -> &mut Extra {
+        self.extra.get_or_insert_with(Box::default)
+    }
+
+    pub(crate) fn view(&self) -> ObjectView<'_> {
+        let extra = self.extra.as_deref();
+        ObjectView {
+            id: self.id,
+            kind: self.kind,
+            name: &self.name,
+            attributes: &self.attributes,
+            origin: self.origin,
+            subsystem: extra.map_or("", |e| &e.subsystem),
+            sys_path: extra.map_or("", |e| &e.sys_path),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Reference {
+    pub(crate) id: RefId,
+    pub(crate) object: Key,
+    pub(crate) pos: u32,
+    pub(crate) holder: Arc<Holder>,
+    pub(crate) reason: Arc<str>,
+    pub(crate) since: Micros,
+}
+
+/// A pending removal request.
+#[derive(Clone, Debug)]
+pub(crate) struct Request {
+    pub(crate) root: Key,
+    pub(crate) deadline: Option<(Micros, OnTimeout)>,
+}
+
+/// The device model and lifecycle engine. Pure and synchronous: it performs
+/// no I/O, owns no clock and never sleeps. Every operation appends events
+/// (and, for real hardware, effects) that the caller drains.
+#[derive(Debug)]
+pub struct Model {
+    pub(crate) objects: Slab<Object>,
+    pub(crate) ids: FxHashMap<ObjectId, Key>,
+    /// Name index per kind (see [`kind_slot`]) over objects that are not `gone`.
+    pub(crate) names: [FxHashMap<Arc<str>, Key>; 3],
+    pub(crate) refs: Slab<Reference>,
+    pub(crate) ref_ids: FxHashMap<RefId, Key>,
+    pub(crate) requests: FxHashMap<RequestId, Request>,
+    pub(crate) deadlines: BTreeSet<(Micros, RequestId)>,
+    pub(crate) next_object: Counter,
+    pub(crate) next_ref: Counter,
+    pub(crate) next_request: Counter,
+    /// Objects whose visible state is `removing`.
+    pub(crate) pending: u32,
+    pub(crate) registry: Registry,
+    pub(crate) events: Vec<Event>,
+    pub(crate) effects: Vec<Effect>,
+}
+
+impl Default for Model {
+    fn default() -> Self {
+        Self::new(Registry::builtin())
+    }
+}
+
+impl Model {
+    /// An empty model using these driver implementations.
+    pub fn new(registry: Registry) -> Self {
+        Self::with_first_id(registry, 0)
+    }
+
+    /// An empty model whose object ids start after `last_id` (for a daemon
+    /// restoring state, so that ids stay unique across restarts).
+    pub fn with_first_id(registry: Registry, last_id: u64) -> Self {
+        Model {
+            objects: Slab::new(),
+            ids: FxHashMap::default(),
+            names: Default::default(),
+            refs: Slab::new(),
+            ref_ids: FxHashMap::default(),
+            requests: FxHashMap::default(),
+            deadlines: BTreeSet::new(),
+            next_object: Counter::starting_after(last_id),
+            next_ref: Counter::starting_after(0),
+            next_request: Counter::starting_after(0),
+            pending: 0,
+            registry,
+            events: Vec::new(),
+            effects: Vec::new(),
+        }
+    }
+
+    /// Takes the events produced since the last call, oldest first.
+    pub fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Takes the effects produced since the last call, oldest first.
+    pub fn take_effects(&mut self) -> Vec<Effect> {
+        std::mem::take(&mut self.effects)
+    }
+
+    /// Discards pending events and effects, keeping their buffers (benchmarks).
+    pub fn clear_outputs(&mut self) {
+        self.events.clear();
+        self.effects.clear();
+    }
+
+    /// How many objects exist (in any state).
+    pub fn object_count(&self) -> usize {
+        self.objects.len()
+    }
+
+    /// How many objects are visibly `removing`.
+    pub fn pending_removals(&self) -> u32 {
+        self.pending
+    }
+
+    /// How many references are held in all.
+    pub fn reference_count(&self) -> usize {
+        self.refs.len()
+    }
+
+    /// The last object id handed out (persist it so ids are never reused).
+    pub fn last_object_id(&self) -> u64 {
+        self.next_object.last()
+    }
+
+    /// The earliest pending deadline, for the caller's timer.
+    pub fn next_deadline(&self) -> Option<Micros> {
+        self.deadlines.first().map(|(t, _)| *t)
+    }
+
+    pub(crate) fn key(&self, id: ObjectId) -> Result<Key> {
+        self.ids
+            .get(&id)
+            .copied()
+            .ok_or_else(|| Error::not_found(format!("no object with id {id}")))
+    }
+
+    pub(crate) fn obj(&self, key: Key) -> &Object {
+        &self.objects[key as usize]
+    }
+
+    pub(crate) fn obj_mut(&mut self, key: Key) -> &mut Object {
+        &mut self.objects[key as usize]
+    }
+
+    pub(crate) fn id_of(&self, key: Key) -> Option<ObjectId> {
+        (key != NONE).then(|| self.obj(key).id)
+    }
+
+    /// The visible state of an object.
+    pub fn state(&self, id: ObjectId) -> Result<State> {
+        Ok(self.obj(self.key(id)?).state())
+    }
+
+    /// Whether an object with this id exists now.
+    pub fn contains(&self, id: ObjectId) -> bool {
+        self.ids.contains_key(&id)
+    }
+
+    /// The removal request an object is part of (for tests and diagnostics).
+    pub fn removal_request(&self, id: ObjectId) -> Result<Option<RequestId>> {
+        Ok(self.obj(self.key(id)?).removal)
+    }
+
+    /// The object of this kind with this name (among objects not `gone`).
+    pub fn find(&self, kind: Kind, name: &str) -> Result<ObjectId> {
+        self.names[kind_slot(kind)]
+            .get(name)
+            .map(|&k| self.obj(k).id)
+            .ok_or_else(|| Error::not_found(format!("no {kind} named {name:?}")))
+    }
+
+    /// A description of one object.
+    pub fn get(&self, id: ObjectId) -> Result<ObjectInfo> {
+        Ok(self.info(self.key(id)?))
+    }
+
+    /// The references held on one object, oldest first.
+    pub fn holders(&self, id: ObjectId) -> Result<Vec<ReferenceInfo>> {
+        Ok(self.reference_infos(self.key(id)?))
+    }
+
+    /// A reference's description.
+    pub fn reference(&self, id: RefId) -> Result<ReferenceInfo> {
+        let key = self
+            .ref_ids
+            .get(&id)
+            .copied()
+            .ok_or_else(|| Error::not_found(format!("no reference with id {id}")))?;
+        Ok(self.ref_info(key))
+    }
+
+    /// The ids of an object's children.
+    pub fn children(&self, id: ObjectId) -> Result<Vec<ObjectId>> {
+        let o = self.obj(self.key(id)?);
+        Ok(o.children.iter().map(|&c| self.obj(c).id).collect())
+    }
+
+    /// Every object, in id order: a consistent snapshot.
+    pub fn list(&self) -> Vec<ObjectInfo> {
+        let mut all: Vec<ObjectInfo> = self.objects.iter().map(|(k, _)| self.info(k as Key)).collect();
+        all.sort_by_key(|o| o.id);
+        all
+    }
+
+    pub(crate) fn ref_info(&self, key: Key) -> ReferenceInfo {
+        let r = &self.refs[key as usize];
+        ReferenceInfo {
+            id: r.id,
+            object: self.obj(r.object).id,
+            holder: Arc::clone(&r.holder),
+            reason: Arc::clone(&r.reason),
+            since: r.since,
+        }
+    }
+
+    pub(crate) fn reference_infos(&self, key: Key) -> Vec<ReferenceInfo> {
+        let mut v: Vec<ReferenceInfo> = self.obj(key).refs.iter().map(|&r| self.ref_info(r)).collect();
+        v.sort_by_key(|r| r.id);
+        v
+    }
+
+    pub(crate) fn info(&self, key: Key) -> ObjectInfo {
+        let o = self.obj(key);
+        let extra = o.extra.as_deref();
+        ObjectInfo {
+            id: o.id,
+            kind: o.kind,
+            name: Arc::clone(&o.name),
+            state: o.state(),
+            parent: self.id_of(o.parent),
+            driver: self.id_of(o.driver),
+            holders: self.reference_infos(key),
+            attributes: o.attributes.clone(),
+            origin: o.origin,
+            subsystem: extra.map_or_else(String::new, |e| e.subsystem.clone()),
+            sys_path: extra.map_or_else(String::new, |e| e.sys_path.clone()),
+            last_error: extra.map_or_else(|| Arc::from(""), |e| Arc::clone(&e.last_error)),
+        }
+    }
+
+    /// Checks every link and derived count against a recount from scratch.
+    /// Cost is linear in the model; meant for tests and debug assertions.
+    pub fn check_invariants(&self) -> std::result::Result<(), String> {
+        let mut pending = 0u32;
+        let mut seen_names = 0usize;
+        if self.ids.len() != self.objects.len() {
+            return Err(format!("{} ids for {} objects", self.ids.len(), self.objects.len()));
+        }
+        for (k, o) in self.objects.iter() {
+            let k = k as Key;
+            if self.ids.get(&o.id) != Some(&k) {
+                return Err(format!("object {} not indexed by id", o.id));
+            }
+            if o.id.0 > self.next_object.last() {
+                return Err(format!("object {} beyond the id counter", o.id));
+            }
+            if o.state() == State::Removing {
+                pending += 1;
+            }
+            if o.gone {
+                if o.removal.is_some() || o.unbind_hold.is_some() {
+                    return Err(format!("gone object {} still pending", o.id));
+                }
+            } else {
+                seen_names += 1;
+                if self.names[kind_slot(o.kind)].get(&o.name) != Some(&k) {
+                    return Err(format!("object {} not indexed by name", o.id));
+                }
+            }
+            if o.parent != NONE {
+                let p = self.objects.get(o.parent as usize).ok_or("dangling parent")?;
+                if p.children.get(o.pos_in_parent as usize) != Some(&k) {
+                    return Err(format!("object {} misplaced in its parent", o.id));
+                }
+            }
+            for (i, &c) in o.children.iter().enumerate() {
+                let child = self.objects.get(c as usize).ok_or("dangling child")?;
+                if child.parent != k || child.pos_in_parent as usize != i {
+                    return Err(format!("child link of {} broken", o.id));
+                }
+            }
+            let scanned = o
+                .children
+                .iter()
+                .filter(|&&c| {
+                    let c = self.obj(c);
+                    c.scanned && !c.exiting
+                })
+                .count();
+            if scanned != o.scanned_children as usize {
+                return Err(format!(
+                    "object {} counts {} scanned children, has {scanned}",
+                    o.id, o.scanned_children
+                ));
+            }
+            if o.driver != NONE {
+                let d = self.objects.get(o.driver as usize).ok_or("dangling driver")?;
+                if d.bound().get(o.pos_in_driver as usize) != Some(&k) {
+                    return Err(format!("object {} misplaced in its driver", o.id));
+                }
+            } else if o.unbind_hold.is_some() {
+                return Err(format!("unbound object {} held for unbinding", o.id));
+            }
+            for (i, &b) in o.bound().iter().enumerate() {
+                let bound = self.objects.get(b as usize).ok_or("dangling binding")?;
+                if bound.driver != k || bound.pos_in_driver as usize != i {
+                    return Err(format!("binding of {} broken", o.id));
+                }
+            }
+            for (i, &r) in o.refs.iter().enumerate() {
+                let reference = self.refs.get(r as usize).ok_or("dangling reference")?;
+                if reference.object != k || reference.pos as usize != i {
+                    return Err(format!("reference link of {} broken", o.id));
+                }
+            }
+            if let Some(req) = o.removal {
+                if !o.exiting && !self.requests.contains_key(&req) {
+                    return Err(format!("object {} pending on unknown request {req}", o.id));
+                }
+                if o.is_idle() && !o.exiting {
+                    return Err(format!("object {} is idle but its removal is still pending", o.id));
+                }
+            } else if o.exiting {
+                return Err(format!("object {} exiting outside a removal", o.id));
+            }
+            if o.gone && o.is_idle() {
+                return Err(format!("gone object {} is idle but still here", o.id));
+            }
+            if let Some(req) = o.unbind_hold {
+                if !self.requests.contains_key(&req) {
+                    return Err(format!("object {} held by unknown request {req}", o.id));
+                }
+                if o.refs.is_empty() && o.scanned_children == 0 {
+                    return Err(format!("object {} is free but still held for unbinding", o.id));
+                }
+            }
+        }
+        if pending != self.pending {
+            return Err(format!("pending count {} but {pending} objects are removing", self.pending));
+        }
+        let indexed: usize = self.names.iter().map(|m| m.len()).sum();
+        if seen_names != indexed {
+            return Err(format!("{indexed} names indexed for {seen_names} named objects"));
+        }
+        if self.ref_ids.len() != self.refs.len() {
+            return Err("reference index out of step".into());
+        }
+        for (k, r) in self.refs.iter() {
+            if self.ref_ids.get(&r.id) != Some(&(k as Key)) {
+                return Err(format!("reference {} not indexed", r.id));
+            }
+            if !self.objects.contains(r.object as usize) {
+                return Err(format!("reference {} points to a removed object", r.id));
+            }
+        }
+        for (id, req) in &self.requests {
+            let root = self.objects.get(req.root as usize).ok_or("request with a removed root")?;
+            if root.removal != Some(*id) {
+                return Err(format!("request {id}'s root is not pending on it"));
+            }
+            if let Some((t, _)) = req.deadline {
+                if !self.deadlines.contains(&(t, *id)) {
+                    return Err(format!("request {id}'s deadline not scheduled"));
+                }
+            }
+        }
+        if self.deadlines.iter().any(|(_, r)| !self.requests.contains_key(r)) {
+            return Err("deadline for an unknown request".into());
+        }
+        Ok(())
+    }
+}
