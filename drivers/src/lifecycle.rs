@@ -180,7 +180,9 @@ impl Model {
             None => None,
             Some(driver) => {
                 if req.kind == Kind::Driver {
-                    return Err(Error::invalid_argument("a driver cannot be bound to a driver"));
+                    return Err(Error::invalid_argument(
+                        "a driver cannot be bound to a driver",
+                    ));
                 }
                 let d = self.key(driver)?;
                 let view_name = req.name.clone();
@@ -239,7 +241,12 @@ impl Model {
     }
 
     fn insert_object(&mut self, object: Object) -> Key {
-        let (id, kind, name, parent) = (object.id, object.kind, Arc::clone(&object.name), object.parent);
+        let (id, kind, name, parent) = (
+            object.id,
+            object.kind,
+            Arc::clone(&object.name),
+            object.parent,
+        );
         let key = self.objects.insert(object) as Key;
         self.ids.insert(id, key);
         self.names[kind_slot(kind)].insert(name, key);
@@ -533,7 +540,12 @@ impl Model {
         let o = self.obj(key);
         let implementation: Option<ImplId> = o.handler.or_else(|| {
             (o.driver != NONE)
-                .then(|| self.obj(o.driver).extra.as_ref().and_then(|e| e.implementation))
+                .then(|| {
+                    self.obj(o.driver)
+                        .extra
+                        .as_ref()
+                        .and_then(|e| e.implementation)
+                })
                 .flatten()
         });
         match implementation {
@@ -565,7 +577,12 @@ impl Model {
                     .handler
                     .or_else(|| {
                         (o.driver != NONE)
-                            .then(|| self.obj(o.driver).extra.as_ref().and_then(|e| e.implementation))
+                            .then(|| {
+                                self.obj(o.driver)
+                                    .extra
+                                    .as_ref()
+                                    .and_then(|e| e.implementation)
+                            })
                             .flatten()
                     })
                     .map_or("", |i| self.registry.get(i).name());
@@ -714,7 +731,9 @@ impl Model {
         let key = self.key(id)?;
         let d = self.key(driver)?;
         if self.obj(key).kind == Kind::Driver {
-            return Err(Error::invalid_argument("only hosts and devices can be bound"));
+            return Err(Error::invalid_argument(
+                "only hosts and devices can be bound",
+            ));
         }
         if self.obj(key).driver == d {
             return Ok(());
@@ -815,17 +834,28 @@ impl Model {
 
     /// Removes an object (rules 1, 4, 5, 9, 10, 11, 16). Never waits: a busy
     /// object is left `removing` and completes by itself when idle.
-    pub fn remove(&mut self, id: ObjectId, options: RemoveOptions, now: Micros) -> Result<RemoveReport> {
+    pub fn remove(
+        &mut self,
+        id: ObjectId,
+        options: RemoveOptions,
+        now: Micros,
+    ) -> Result<RemoveReport> {
         let key = self.key(id)?;
         let deadline = match options.timeout {
             None => None,
             Some((0, _)) => {
-                return Err(Error::invalid_argument("a removal timeout must be at least 1 second"))
+                return Err(Error::invalid_argument(
+                    "a removal timeout must be at least 1 second",
+                ))
             }
             Some((after, action)) => Some((now.saturating_add(after), action)),
         };
         let affected = self.affected_set(key);
-        if let Some(k) = affected.iter().map(|&(k, _)| k).find(|&k| self.needs_unsupported_exit(k)) {
+        if let Some(k) = affected
+            .iter()
+            .map(|&(k, _)| k)
+            .find(|&k| self.needs_unsupported_exit(k))
+        {
             let Exit::NotSupported(why) = self.exit_plan(k) else {
                 unreachable!("needs_unsupported_exit checked the plan")
             };
@@ -848,7 +878,13 @@ impl Model {
             Some(existing) => existing,
             None => {
                 let req = RequestId(self.next_request.next());
-                self.requests.insert(req, Request { root: key, deadline: None });
+                self.requests.insert(
+                    req,
+                    Request {
+                        root: key,
+                        deadline: None,
+                    },
+                );
                 req
             }
         };
@@ -1122,7 +1158,11 @@ impl Model {
             self.require_live_chain(parent, "cannot have a child re-enabled under it")?;
         }
         if let Some(req) = self.obj(key).unbind_hold {
-            let driver = self.requests.get(&req).map(|r| r.root).unwrap_or(self.obj(key).driver);
+            let driver = self
+                .requests
+                .get(&req)
+                .map(|r| r.root)
+                .unwrap_or(self.obj(key).driver);
             return Err(Error::invalid_state(format!(
                 "{} is held back by the pending removal of {}: re-enable that driver",
                 self.describe(key),

@@ -371,7 +371,11 @@ impl Model {
 
     /// Every object, in id order: a consistent snapshot.
     pub fn list(&self) -> Vec<ObjectInfo> {
-        let mut all: Vec<ObjectInfo> = self.objects.iter().map(|(k, _)| self.info(k as Key)).collect();
+        let mut all: Vec<ObjectInfo> = self
+            .objects
+            .iter()
+            .map(|(k, _)| self.info(k as Key))
+            .collect();
         all.sort_by_key(|o| o.id);
         all
     }
@@ -388,7 +392,12 @@ impl Model {
     }
 
     pub(crate) fn reference_infos(&self, key: Key) -> Vec<ReferenceInfo> {
-        let mut v: Vec<ReferenceInfo> = self.obj(key).refs.iter().map(|&r| self.ref_info(r)).collect();
+        let mut v: Vec<ReferenceInfo> = self
+            .obj(key)
+            .refs
+            .iter()
+            .map(|&r| self.ref_info(r))
+            .collect();
         v.sort_by_key(|r| r.id);
         v
     }
@@ -418,7 +427,11 @@ impl Model {
         let mut pending = 0u32;
         let mut seen_names = 0usize;
         if self.ids.len() != self.objects.len() {
-            return Err(format!("{} ids for {} objects", self.ids.len(), self.objects.len()));
+            return Err(format!(
+                "{} ids for {} objects",
+                self.ids.len(),
+                self.objects.len()
+            ));
         }
         for (k, o) in self.objects.iter() {
             let k = k as Key;
@@ -442,7 +455,10 @@ impl Model {
                 }
             }
             if o.parent != NONE {
-                let p = self.objects.get(o.parent as usize).ok_or("dangling parent")?;
+                let p = self
+                    .objects
+                    .get(o.parent as usize)
+                    .ok_or("dangling parent")?;
                 if p.children.get(o.pos_in_parent as usize) != Some(&k) {
                     return Err(format!("object {} misplaced in its parent", o.id));
                 }
@@ -468,7 +484,10 @@ impl Model {
                 ));
             }
             if o.driver != NONE {
-                let d = self.objects.get(o.driver as usize).ok_or("dangling driver")?;
+                let d = self
+                    .objects
+                    .get(o.driver as usize)
+                    .ok_or("dangling driver")?;
                 if d.bound().get(o.pos_in_driver as usize) != Some(&k) {
                     return Err(format!("object {} misplaced in its driver", o.id));
                 }
@@ -492,7 +511,10 @@ impl Model {
                     return Err(format!("object {} pending on unknown request {req}", o.id));
                 }
                 if o.is_idle() && !o.exiting {
-                    return Err(format!("object {} is idle but its removal is still pending", o.id));
+                    return Err(format!(
+                        "object {} is idle but its removal is still pending",
+                        o.id
+                    ));
                 }
             } else if o.exiting {
                 return Err(format!("object {} exiting outside a removal", o.id));
@@ -505,16 +527,24 @@ impl Model {
                     return Err(format!("object {} held by unknown request {req}", o.id));
                 }
                 if o.refs.is_empty() && o.scanned_children == 0 {
-                    return Err(format!("object {} is free but still held for unbinding", o.id));
+                    return Err(format!(
+                        "object {} is free but still held for unbinding",
+                        o.id
+                    ));
                 }
             }
         }
         if pending != self.pending {
-            return Err(format!("pending count {} but {pending} objects are removing", self.pending));
+            return Err(format!(
+                "pending count {} but {pending} objects are removing",
+                self.pending
+            ));
         }
         let indexed: usize = self.names.iter().map(|m| m.len()).sum();
         if seen_names != indexed {
-            return Err(format!("{indexed} names indexed for {seen_names} named objects"));
+            return Err(format!(
+                "{indexed} names indexed for {seen_names} named objects"
+            ));
         }
         if self.ref_ids.len() != self.refs.len() {
             return Err("reference index out of step".into());
@@ -528,7 +558,10 @@ impl Model {
             }
         }
         for (id, req) in &self.requests {
-            let root = self.objects.get(req.root as usize).ok_or("request with a removed root")?;
+            let root = self
+                .objects
+                .get(req.root as usize)
+                .ok_or("request with a removed root")?;
             if root.removal != Some(*id) {
                 return Err(format!("request {id}'s root is not pending on it"));
             }
@@ -538,7 +571,11 @@ impl Model {
                 }
             }
         }
-        if self.deadlines.iter().any(|(_, r)| !self.requests.contains_key(r)) {
+        if self
+            .deadlines
+            .iter()
+            .any(|(_, r)| !self.requests.contains_key(r))
+        {
             return Err("deadline for an unknown request".into());
         }
         Ok(())
