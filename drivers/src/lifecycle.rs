@@ -442,6 +442,7 @@ impl Model {
         if waiting {
             self.settle(key);
         }
+        self.settle_unbound_drivers();
         Ok(())
     }
 
@@ -571,7 +572,7 @@ impl Model {
                     o.removal = Some(req);
                     o.exiting = true;
                 });
-                self.release_scanned(key);
+                self.release_scanned(key, true);
                 let o = self.obj(key);
                 let driver = o
                     .handler
@@ -612,7 +613,7 @@ impl Model {
         if let Some(req) = was_root {
             self.drop_request(req);
         }
-        self.release_scanned(key);
+        self.release_scanned(key, true);
         self.set_error(key, error);
     }
 
@@ -630,7 +631,7 @@ impl Model {
 
     /// A scanned object that its driver no longer tears down (exiting, failed,
     /// or gone) stops counting against its parent's unbinding.
-    fn release_scanned(&mut self, key: Key) {
+    fn release_scanned(&mut self, key: Key, settle_parent: bool) {
         let o = self.obj_mut(key);
         if !o.scanned {
             return;
@@ -640,7 +641,7 @@ impl Model {
         if parent != NONE {
             let p = self.obj_mut(parent);
             p.scanned_children -= 1;
-            if p.unbind_hold.is_some() && p.scanned_children == 0 {
+            if settle_parent && p.unbind_hold.is_some() && p.scanned_children == 0 {
                 self.settle(parent);
             }
         }
@@ -724,6 +725,16 @@ impl Model {
         });
         let (id, driver) = (self.obj(key).id, self.obj(d).id);
         self.events.push(Event::Unbound { id, driver });
+        self.unsettled.push((d, driver));
+    }
+
+    /// Ends a mutating operation: drivers that lost bindings may be idle now.
+    fn settle_unbound_drivers(&mut self) {
+        while let Some((d, id)) = self.unsettled.pop() {
+            if self.alive(d, id) {
+                self.settle(d);
+            }
+        }
     }
 
     /// Binds a host or device to a driver, running the driver's probe.
@@ -798,8 +809,9 @@ impl Model {
             self.finish_removal(k);
         }
         self.unbind_now(key);
-        let d = self.obj_mut(key).driver;
-        debug_assert_eq!(d, NONE);
+        // A forced unbind may have made a pending object idle.
+        self.settle(key);
+        self.settle_unbound_drivers();
         Ok(())
     }
 
@@ -908,6 +920,7 @@ impl Model {
             }
             self.deadlines.insert((t, req));
         }
+        self.settle_unbound_drivers();
         Ok(self.report(id, &affected))
     }
 
@@ -980,20 +993,34 @@ impl Model {
     /// Rule 5: unbind idle bound objects now, hold back busy ones, tear down
     /// what the driver's probes created, and remove the driver when idle.
     fn remove_driver(&mut self, d: Key, req: RequestId) {
-        let bound: Vec<Key> = self.obj(d).bound().to_vec();
-        for b in bound {
+        let bound: Vec<(Key, ObjectId)> = self
+            .obj(d)
+            .bound()
+            .iter()
+            .map(|&b| (b, self.obj(b).id))
+            .collect();
+        for (b, bid) in bound {
+            // A bound object may itself have been torn down by an earlier step
+            // (a LUN bound to the driver whose probe created it).
+            if !self.alive(b, bid) {
+                continue;
+            }
             for (k, kid) in self.scanned_subtrees(b) {
                 if self.alive(k, kid) {
                     self.cascade_step(k, req, d);
                 }
             }
-            // Scanned children may have exited and completed the binding already.
-            if self.obj(b).driver != d {
+            // Tearing down the scanned children may have completed the bound
+            // object's own pending removal, or its unbinding, already.
+            if !self.alive(b, bid) || self.obj(b).driver != d {
                 continue;
             }
             let o = self.obj(b);
             if o.refs.is_empty() && o.scanned_children == 0 {
                 self.unbind_now(b);
+                // A forced removal may just have made it idle while its own
+                // removal was pending: let that complete too.
+                self.settle(b);
             } else if o.unbind_hold.is_none() {
                 self.change_state(b, |o| o.unbind_hold = Some(req));
                 self.request_release(b, d);
@@ -1093,14 +1120,10 @@ impl Model {
             self.release_driver_request(root, req);
             return;
         }
-        // If the parent is itself being removed, what this request covered
-        // still has to go: it passes to the parent's request instead.
-        let parent = self.obj(root).parent;
-        let inherit = (parent != NONE).then(|| self.obj(parent).removal).flatten();
         let mut subtree = self.post_order(root);
         subtree.reverse();
         for (k, _) in subtree {
-            self.clear_removal(k, req, inherit);
+            self.clear_removal(k, req);
         }
     }
 
@@ -1115,16 +1138,23 @@ impl Model {
             let mut scanned = self.scanned_subtrees(b);
             scanned.reverse();
             for (k, _) in scanned {
-                self.clear_removal(k, req, None);
+                self.clear_removal(k, req);
             }
         }
     }
 
-    fn clear_removal(&mut self, key: Key, req: RequestId, inherit: Option<RequestId>) {
+    /// Takes `key` out of request `req`. Walks run parents first, so if the
+    /// parent is (still) being removed, what `req` covered still has to go:
+    /// it passes to the parent's request instead of coming back.
+    fn clear_removal(&mut self, key: Key, req: RequestId) {
         let o = self.obj(key);
-        if o.removal == Some(req) && !o.exiting {
-            self.change_state(key, |o| o.removal = inherit);
+        if o.removal != Some(req) || o.exiting {
+            return;
         }
+        let inherit = (o.parent != NONE)
+            .then(|| self.obj(o.parent).removal)
+            .flatten();
+        self.change_state(key, |o| o.removal = inherit);
     }
 
     // ---------------------------------------------------- stop, reenable
@@ -1225,9 +1255,12 @@ impl Model {
             let o = self.obj(k);
             if o.exiting || o.is_idle() {
                 // Idle, or its driver's teardown is what the kernel just confirmed.
+                // Parents inside the subtree come later in this walk; settling
+                // them now would give them two transitions in one step.
                 let (parent, driver) = (o.parent, o.driver);
                 self.finish_removal(k);
-                for p in [parent, driver] {
+                let outside_parent = if k == key { parent } else { NONE };
+                for p in [outside_parent, driver] {
                     if p != NONE && self.objects.contains(p as usize) {
                         self.settle(p);
                     }
@@ -1252,7 +1285,7 @@ impl Model {
             });
             let (kind, name) = (self.obj(k).kind, Arc::clone(&self.obj(k).name));
             self.names[kind_slot(kind)].remove(&*name);
-            self.release_scanned(k);
+            self.release_scanned(k, k == key);
             if self.obj(k).driver != NONE {
                 let d = self.obj(k).driver;
                 self.unbind_now(k);
@@ -1264,6 +1297,7 @@ impl Model {
             }
             self.settle(k);
         }
+        self.settle_unbound_drivers();
         Ok(())
     }
 
@@ -1289,6 +1323,7 @@ impl Model {
             }
             Err(error) => self.fail_exit(key, error),
         }
+        self.settle_unbound_drivers();
         Ok(())
     }
 
@@ -1310,7 +1345,10 @@ impl Model {
             };
             let root = request.root;
             match action {
-                OnTimeout::Cancel => self.cancel(req),
+                OnTimeout::Cancel => {
+                    self.cancel(req);
+                    self.settle_unbound_drivers();
+                }
                 OnTimeout::Revoke => {
                     let id = self.obj(root).id;
                     let force = RemoveOptions {

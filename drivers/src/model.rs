@@ -225,6 +225,9 @@ pub struct Model {
     pub(crate) registry: Registry,
     pub(crate) events: Vec<Event>,
     pub(crate) effects: Vec<Effect>,
+    /// Drivers that lost a binding during the current operation; settled at
+    /// its end (settling mid-walk could complete a driver the walk still visits).
+    pub(crate) unsettled: Vec<(Key, ObjectId)>,
 }
 
 impl Default for Model {
@@ -257,6 +260,7 @@ impl Model {
             registry,
             events: Vec::new(),
             effects: Vec::new(),
+            unsettled: Vec::new(),
         }
     }
 

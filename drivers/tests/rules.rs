@@ -71,7 +71,7 @@ impl World {
     /// Runs one step; returns its rendered result.
     fn run(&mut self, step: &str) -> String {
         let words: Vec<&str> = step.split_whitespace().collect();
-        let flag = |f: &str| words.iter().any(|w| *w == f);
+        let flag = |f: &str| words.contains(&f);
         let opt = |k: &str| {
             words
                 .iter()
