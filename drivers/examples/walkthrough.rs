@@ -38,20 +38,41 @@ fn main() -> Result<(), drivers::Error> {
         let holders: Vec<String> = p
             .holders
             .iter()
-            .map(|h| format!("ref {} by {} (pid {}): {}", h.id, h.holder.bus_name, h.holder.pid, h.reason))
+            .map(|h| {
+                format!(
+                    "ref {} by {} (pid {}): {}",
+                    h.id, h.holder.bus_name, h.holder.pid, h.reason
+                )
+            })
             .collect();
-        println!("       {} {} [{}] {}", p.kind, p.name, p.state, holders.join("; "));
+        println!(
+            "       {} {} [{}] {}",
+            p.kind,
+            p.name,
+            p.state,
+            holders.join("; ")
+        );
     }
 
     model.reenable(host)?;
     show(&mut model, "reenable host0  (cancels the pending removal)");
-    println!("    host0 is {}, 0:0:0:2 is {}", model.state(host)?, model.state(lun)?);
+    println!(
+        "    host0 is {}, 0:0:0:2 is {}",
+        model.state(host)?,
+        model.state(lun)?
+    );
 
     let report = model.remove(host, RemoveOptions::default(), now)?;
     show(&mut model, "remove host0");
     println!("    => {}", report.outcome);
     model.release(reference)?;
-    show(&mut model, "release the reference  (the removal completes by itself)");
-    println!("    objects left: {} (the sim-scsi driver)", model.object_count());
+    show(
+        &mut model,
+        "release the reference  (the removal completes by itself)",
+    );
+    println!(
+        "    objects left: {} (the sim-scsi driver)",
+        model.object_count()
+    );
     Ok(())
 }
