@@ -993,6 +993,7 @@ impl Model {
     /// Rule 5: unbind idle bound objects now, hold back busy ones, tear down
     /// what the driver's probes created, and remove the driver when idle.
     fn remove_driver(&mut self, d: Key, req: RequestId) {
+        let d_id = self.obj(d).id;
         let bound: Vec<(Key, ObjectId)> = self
             .obj(d)
             .bound()
@@ -1026,7 +1027,12 @@ impl Model {
                 self.request_release(b, d);
             }
         }
-        self.cascade_step(d, req, d);
+        // Settling a bound object above can unbind the last binding of a
+        // driver that was already pending (a forced or deadline-revoked
+        // repeat) and complete it; then there is nothing left to do.
+        if self.alive(d, d_id) {
+            self.cascade_step(d, req, d);
+        }
     }
 
     /// What a removal would do, without doing it: an object goes at once if

@@ -564,10 +564,10 @@ proptest! {
         ..ProptestConfig::default()
     })]
 
-    // KNOWN FAILING: at 10,000 cases this finds open engine bugs in forced
-    // driver removal × scanned LUNs × asynchronous exits (an `invalid key`
-    // panic reached from `cascade_step`, an idle object left pending, two
-    // state events in one step). It stays ignored until those are fixed, so
+    // KNOWN FAILING: at 10,000 cases this still finds open engine bugs in a
+    // forced removal of an already-pending driver with held-back hosts whose
+    // scanned LUNs are bound to it (an object left "held for unbinding" when
+    // free; two state events in one step). It stays ignored until those are fixed, so
     // CI stays green; run it with `cargo test --release --test model_based
     // -- --ignored`. See the issue 2 notes and docs/engine-status.md.
     #[test]
