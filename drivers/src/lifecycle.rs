@@ -442,7 +442,7 @@ impl Model {
         if waiting {
             self.settle(key);
         }
-        self.settle_unbound_drivers();
+        self.settle_deferred();
         Ok(())
     }
 
@@ -488,14 +488,15 @@ impl Model {
             if o.id != id || o.exiting {
                 continue;
             }
-            if o.unbind_hold.is_some() && o.refs.is_empty() && o.scanned_children == 0 {
-                let d = o.driver;
-                self.unbind_now(k);
-                work.push((d, self.obj(d).id));
-                work.push((k, id));
-                continue;
-            }
             if !o.is_idle() || !(o.gone || o.removal.is_some()) {
+                // Not going away; but a driver removal holding it back may
+                // now let it go. (When it does go, its removal comes first:
+                // its driver must still be bound to tear it down.)
+                if o.unbind_hold.is_some() && o.refs.is_empty() && o.scanned_children == 0 {
+                    let d = o.driver;
+                    self.unbind_now(k);
+                    work.push((d, self.obj(d).id));
+                }
                 continue;
             }
             let (parent, driver) = (o.parent, o.driver);
@@ -572,7 +573,7 @@ impl Model {
                     o.removal = Some(req);
                     o.exiting = true;
                 });
-                self.release_scanned(key, true);
+                self.release_scanned(key);
                 let o = self.obj(key);
                 let driver = o
                     .handler
@@ -613,8 +614,13 @@ impl Model {
         if let Some(req) = was_root {
             self.drop_request(req);
         }
-        self.release_scanned(key, true);
+        self.release_scanned(key);
         self.set_error(key, error);
+        // It stays, but a driver removal holding it back may now let it go.
+        if self.obj(key).unbind_hold.is_some() {
+            let id = self.obj(key).id;
+            self.deferred.push((key, id));
+        }
     }
 
     fn set_error(&mut self, key: Key, error: String) {
@@ -631,7 +637,7 @@ impl Model {
 
     /// A scanned object that its driver no longer tears down (exiting, failed,
     /// or gone) stops counting against its parent's unbinding.
-    fn release_scanned(&mut self, key: Key, settle_parent: bool) {
+    fn release_scanned(&mut self, key: Key) {
         let o = self.obj_mut(key);
         if !o.scanned {
             return;
@@ -641,8 +647,10 @@ impl Model {
         if parent != NONE {
             let p = self.obj_mut(parent);
             p.scanned_children -= 1;
-            if settle_parent && p.unbind_hold.is_some() && p.scanned_children == 0 {
-                self.settle(parent);
+            if p.unbind_hold.is_some() && p.scanned_children == 0 {
+                // Deferred: the parent may be a later step of the current walk.
+                let id = p.id;
+                self.deferred.push((parent, id));
             }
         }
     }
@@ -725,12 +733,14 @@ impl Model {
         });
         let (id, driver) = (self.obj(key).id, self.obj(d).id);
         self.events.push(Event::Unbound { id, driver });
-        self.unsettled.push((d, driver));
+        self.deferred.push((d, driver));
     }
 
-    /// Ends a mutating operation: drivers that lost bindings may be idle now.
-    fn settle_unbound_drivers(&mut self) {
-        while let Some((d, id)) = self.unsettled.pop() {
+    /// Ends a mutating operation: settles what a walk deferred (drivers that
+    /// lost bindings, hosts whose scanned devices are gone), which may be
+    /// idle or free now.
+    fn settle_deferred(&mut self) {
+        while let Some((d, id)) = self.deferred.pop() {
             if self.alive(d, id) {
                 self.settle(d);
             }
@@ -808,10 +818,15 @@ impl Model {
             // All idle with synchronous exits: each goes at once, children first.
             self.finish_removal(k);
         }
-        self.unbind_now(key);
-        // A forced unbind may have made a pending object idle.
-        self.settle(key);
-        self.settle_unbound_drivers();
+        let o = self.obj(key);
+        if o.is_idle() && o.removal.is_some() {
+            // The force made a pending object idle: its removal goes first,
+            // through the driver, and unbinds it as it completes.
+            self.settle(key);
+        } else {
+            self.unbind_now(key);
+        }
+        self.settle_deferred();
         Ok(())
     }
 
@@ -920,7 +935,7 @@ impl Model {
             }
             self.deadlines.insert((t, req));
         }
-        self.settle_unbound_drivers();
+        self.settle_deferred();
         Ok(self.report(id, &affected))
     }
 
@@ -961,9 +976,17 @@ impl Model {
         }
         if o.gone || o.removal.is_some() {
             // Already on its way under its own request; after a force it may
-            // be idle now, so let it finish.
+            // be idle now, so let it finish. Inside the walk its parent is a
+            // later step, so only the root may settle upwards.
             if o.is_idle() {
-                self.settle(key);
+                if key == root {
+                    self.settle(key);
+                } else if o.gone {
+                    self.finish_removal(key);
+                } else {
+                    let req = o.removal.unwrap_or(req);
+                    self.begin_exit(key, req);
+                }
             }
             return;
         }
@@ -1000,9 +1023,10 @@ impl Model {
             .iter()
             .map(|&b| (b, self.obj(b).id))
             .collect();
-        for (b, bid) in bound {
-            // A bound object may itself have been torn down by an earlier step
-            // (a LUN bound to the driver whose probe created it).
+        // First tear down everything the driver's probes created, so that an
+        // object both created and bound by this driver (a LUN bound to the
+        // HBA driver that scanned it) is swept up before any hold is placed.
+        for &(b, bid) in &bound {
             if !self.alive(b, bid) {
                 continue;
             }
@@ -1011,20 +1035,33 @@ impl Model {
                     self.cascade_step(k, req, d);
                 }
             }
-            // Tearing down the scanned children may have completed the bound
-            // object's own pending removal, or its unbinding, already.
+        }
+        for (b, bid) in bound {
+            // The teardown may have removed it, completed its own pending
+            // removal, or unbound it already.
             if !self.alive(b, bid) || self.obj(b).driver != d {
                 continue;
             }
             let o = self.obj(b);
-            if o.refs.is_empty() && o.scanned_children == 0 {
-                self.unbind_now(b);
-                // A forced removal may just have made it idle while its own
-                // removal was pending: let that complete too.
+            if o.is_idle() && (o.removal.is_some() || o.gone) {
+                // A forced removal just made it idle while its own removal was
+                // pending: that removal goes first, through this driver, and
+                // unbinds it as it completes.
                 self.settle(b);
+                if !self.alive(b, bid) || self.obj(b).driver != d {
+                    continue;
+                }
+            }
+            let o = self.obj(b);
+            if o.refs.is_empty() && o.scanned_children == 0 && !o.exiting {
+                self.unbind_now(b);
             } else if o.unbind_hold.is_none() {
+                // Its holders were already asked if this removal swept it up.
+                let asked = o.removal == Some(req);
                 self.change_state(b, |o| o.unbind_hold = Some(req));
-                self.request_release(b, d);
+                if !asked {
+                    self.request_release(b, d);
+                }
             }
         }
         // Settling a bound object above can unbind the last binding of a
@@ -1137,10 +1174,14 @@ impl Model {
     /// holds are released, the teardown of what its probes created is called off.
     fn release_driver_request(&mut self, d: Key, req: RequestId) {
         let bound: Vec<Key> = self.obj(d).bound().to_vec();
-        for b in bound {
+        // Holds first: an object both held and swept up (a LUN bound to the
+        // driver that created it) must then change state only once.
+        for &b in &bound {
             if self.obj(b).unbind_hold == Some(req) {
                 self.change_state(b, |o| o.unbind_hold = None);
             }
+        }
+        for b in bound {
             let mut scanned = self.scanned_subtrees(b);
             scanned.reverse();
             for (k, _) in scanned {
@@ -1157,9 +1198,7 @@ impl Model {
         if o.removal != Some(req) || o.exiting {
             return;
         }
-        let inherit = (o.parent != NONE)
-            .then(|| self.obj(o.parent).removal)
-            .flatten();
+        let inherit = self.covering_request(key);
         self.change_state(key, |o| o.removal = inherit);
     }
 
@@ -1171,9 +1210,9 @@ impl Model {
         let key = self.key(id)?;
         self.require_cancellable(key, "stopped")?;
         let own = self.root_request_of(key);
-        if own.is_some() && self.parent_removing(key) {
+        if own.is_some() && self.covering_request(key).is_some() {
             return Err(Error::invalid_state(format!(
-                "the parent of {} is being removed: stop or re-enable the parent",
+                "{} must go anyway: its parent, or the driver that created it, is being removed",
                 self.describe(key)
             )));
         }
@@ -1242,9 +1281,18 @@ impl Model {
         Ok(())
     }
 
-    fn parent_removing(&self, key: Key) -> bool {
-        let parent = self.obj(key).parent;
-        parent != NONE && self.obj(parent).removal.is_some()
+    /// Another pending request that needs `key` gone regardless of its own:
+    /// its parent's removal, or, for a device its parent's driver created,
+    /// the removal of that driver (which is holding the parent back).
+    fn covering_request(&self, key: Key) -> Option<RequestId> {
+        let o = self.obj(key);
+        if o.parent == NONE {
+            return None;
+        }
+        let parent = self.obj(o.parent);
+        parent
+            .removal
+            .or(if o.scanned { parent.unbind_hold } else { None })
     }
 
     // ------------------------------------------------- kernel and drivers
@@ -1291,7 +1339,7 @@ impl Model {
             });
             let (kind, name) = (self.obj(k).kind, Arc::clone(&self.obj(k).name));
             self.names[kind_slot(kind)].remove(&*name);
-            self.release_scanned(k, k == key);
+            self.release_scanned(k);
             if self.obj(k).driver != NONE {
                 let d = self.obj(k).driver;
                 self.unbind_now(k);
@@ -1303,7 +1351,7 @@ impl Model {
             }
             self.settle(k);
         }
-        self.settle_unbound_drivers();
+        self.settle_deferred();
         Ok(())
     }
 
@@ -1329,7 +1377,7 @@ impl Model {
             }
             Err(error) => self.fail_exit(key, error),
         }
-        self.settle_unbound_drivers();
+        self.settle_deferred();
         Ok(())
     }
 
@@ -1353,7 +1401,7 @@ impl Model {
             match action {
                 OnTimeout::Cancel => {
                     self.cancel(req);
-                    self.settle_unbound_drivers();
+                    self.settle_deferred();
                 }
                 OnTimeout::Revoke => {
                     let id = self.obj(root).id;

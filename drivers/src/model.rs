@@ -225,9 +225,11 @@ pub struct Model {
     pub(crate) registry: Registry,
     pub(crate) events: Vec<Event>,
     pub(crate) effects: Vec<Effect>,
-    /// Drivers that lost a binding during the current operation; settled at
-    /// its end (settling mid-walk could complete a driver the walk still visits).
-    pub(crate) unsettled: Vec<(Key, ObjectId)>,
+    /// Objects that may have become idle or free during the current
+    /// operation (drivers that lost a binding, hosts whose scanned devices
+    /// went); settled at its end, since settling mid-walk could change an
+    /// object the walk has yet to visit.
+    pub(crate) deferred: Vec<(Key, ObjectId)>,
 }
 
 impl Default for Model {
@@ -260,7 +262,7 @@ impl Model {
             registry,
             events: Vec::new(),
             effects: Vec::new(),
-            unsettled: Vec::new(),
+            deferred: Vec::new(),
         }
     }
 
@@ -530,7 +532,8 @@ impl Model {
                 if !self.requests.contains_key(&req) {
                     return Err(format!("object {} held by unknown request {req}", o.id));
                 }
-                if o.refs.is_empty() && o.scanned_children == 0 {
+                // While its driver is tearing it down, it stays bound to that driver.
+                if o.refs.is_empty() && o.scanned_children == 0 && !o.exiting {
                     return Err(format!(
                         "object {} is free but still held for unbinding",
                         o.id
