@@ -16,7 +16,7 @@ use proto::{Kind, OnTimeout, Origin, RemoveOutcome, State};
 use crate::driver::{Exit, ImplId, ProbeOptions};
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::{Effect, Event};
-use crate::ids::{Micros, ObjectId, RefId, RequestId};
+use crate::ids::{compose, Micros, ObjectId, RefId, RequestId, MAX_SLOTS};
 use crate::model::{kind_slot, Admin, Holder, Key, Model, Object, ReferenceInfo, Request, NONE};
 use crate::validate;
 
@@ -135,9 +135,7 @@ impl Model {
     pub fn add(&mut self, req: AddRequest) -> Result<ObjectId> {
         validate::name(&req.name)?;
         validate::attributes(&req.attributes)?;
-        if self.objects.len() >= (NONE as usize) - 1 {
-            return Err(Error::new(ErrorKind::QuotaExceeded, "the model is full"));
-        }
+        self.require_room(1)?;
         let parent = match req.parent {
             None => NONE,
             Some(id) => self.key(id)?,
@@ -187,7 +185,10 @@ impl Model {
                 let d = self.key(driver)?;
                 let view_name = req.name.clone();
                 let probe_view = crate::driver::ObjectView {
-                    id: ObjectId(self.next_object.peek()),
+                    id: ObjectId(compose(
+                        self.next_object.peek(),
+                        self.objects.vacant_key() as u32,
+                    )),
                     kind: req.kind,
                     name: &view_name,
                     attributes: &req.attributes,
@@ -200,9 +201,8 @@ impl Model {
             }
         };
 
-        let id = ObjectId(self.next_object.next());
         let key = self.insert_object(Object {
-            id,
+            id: ObjectId(0),
             name: Arc::from(req.name),
             kind: req.kind,
             origin: req.origin,
@@ -217,7 +217,8 @@ impl Model {
             scanned_children: 0,
             driver: NONE,
             pos_in_driver: 0,
-            refs: Vec::new(),
+            ref_head: NONE,
+            ref_count: 0,
             removal: None,
             unbind_hold: None,
             attributes: req.attributes,
@@ -232,6 +233,7 @@ impl Model {
                 extra.implementation = implementation;
             }
         }
+        let id = self.obj(key).id;
         self.events.push(Event::Added(Box::new(self.info(key))));
         if let Some((d, found)) = binding {
             self.bind_now(key, d);
@@ -240,15 +242,13 @@ impl Model {
         Ok(id)
     }
 
-    fn insert_object(&mut self, object: Object) -> Key {
-        let (id, kind, name, parent) = (
-            object.id,
-            object.kind,
-            Arc::clone(&object.name),
-            object.parent,
-        );
-        let key = self.objects.insert(object) as Key;
-        self.ids.insert(id, key);
+    /// Stores a new object, giving it its id (sequence and slot); the caller
+    /// checked `require_room`.
+    fn insert_object(&mut self, mut object: Object) -> Key {
+        let key = self.objects.vacant_key() as Key;
+        object.id = ObjectId(compose(self.next_object.next(), key));
+        let (kind, name, parent) = (object.kind, Arc::clone(&object.name), object.parent);
+        self.objects.insert(object);
         self.names[kind_slot(kind)].insert(name, key);
         if parent != NONE {
             let pos = self.obj(parent).children.len() as u32;
@@ -305,19 +305,16 @@ impl Model {
                 ));
             }
         }
-        if self.objects.len() + found.len() >= (NONE as usize) - 1 {
-            return Err(Error::new(ErrorKind::QuotaExceeded, "the model is full"));
-        }
+        self.require_room(found.len() + 1)?;
         Ok(found)
     }
 
     fn create_scanned(&mut self, parent: Key, d: Key, found: Vec<crate::driver::NewChild>) {
         let implementation = self.obj(d).extra.as_ref().and_then(|e| e.implementation);
         for child in found {
-            let id = ObjectId(self.next_object.next());
             let origin = self.obj(parent).origin;
             let key = self.insert_object(Object {
-                id,
+                id: ObjectId(0),
                 name: Arc::from(child.name),
                 kind: child.kind,
                 origin,
@@ -332,7 +329,8 @@ impl Model {
                 scanned_children: 0,
                 driver: NONE,
                 pos_in_driver: 0,
-                refs: Vec::new(),
+                ref_head: NONE,
+                ref_count: 0,
                 removal: None,
                 unbind_hold: None,
                 attributes: child.attributes,
@@ -341,6 +339,20 @@ impl Model {
             self.obj_mut(parent).scanned_children += 1;
             self.events.push(Event::Added(Box::new(self.info(key))));
         }
+    }
+
+    /// Refuses to add `count` objects beyond the arena's limits.
+    fn require_room(&self, count: usize) -> Result<()> {
+        if self.objects.len() + count > MAX_SLOTS - 1 {
+            return Err(Error::new(ErrorKind::QuotaExceeded, "the model is full"));
+        }
+        if self.next_object.peek() + count as u64 > crate::ids::MAX_SEQUENCE {
+            return Err(Error::new(
+                ErrorKind::QuotaExceeded,
+                "the model has handed out every object id it can; restart with a fresh state",
+            ));
+        }
+        Ok(())
     }
 
     fn require_free_name(&self, kind: Kind, name: &str) -> Result<()> {
@@ -396,24 +408,28 @@ impl Model {
         let reason = reason.into();
         validate::reason(&reason)?;
         self.require_live_chain(key, "accepts no new references")?;
-        let pos = self.obj(key).refs.len();
-        if pos >= u32::MAX as usize - 1 || self.refs.len() >= NONE as usize - 1 {
+        if self.refs.len() >= MAX_SLOTS - 1 || self.next_ref.exhausted() {
             return Err(Error::new(ErrorKind::QuotaExceeded, "too many references"));
         }
-        let pos = pos as u32;
-        let reference = RefId(self.next_ref.next());
-        let rkey = self.refs.insert(crate::model::Reference {
+        let rkey = self.refs.vacant_key() as Key;
+        let reference = RefId(compose(self.next_ref.next(), rkey));
+        let head = self.obj(key).ref_head;
+        self.refs.insert(crate::model::Reference {
             id: reference,
             object: key,
-            pos,
+            prev: NONE,
+            next: head,
             holder,
             reason,
             since: now,
-        }) as Key;
-        self.ref_ids.insert(reference, rkey);
+        });
+        if head != NONE {
+            self.refs[head as usize].prev = rkey;
+        }
         let o = self.obj_mut(key);
-        o.refs.push(rkey);
-        let ref_count = o.refs.len() as u32;
+        o.ref_head = rkey;
+        o.ref_count += 1;
+        let ref_count = o.ref_count;
         self.events.push(Event::Acquired {
             id,
             reference,
@@ -425,14 +441,10 @@ impl Model {
     /// Drops a reference. A pending removal waiting on it completes now if
     /// the object became idle.
     pub fn release(&mut self, reference: RefId) -> Result<()> {
-        let rkey = self
-            .ref_ids
-            .get(&reference)
-            .copied()
-            .ok_or_else(|| Error::not_found(format!("no reference with id {reference}")))?;
+        let rkey = self.ref_key(reference)?;
         let key = self.detach_ref(rkey);
         let o = self.obj(key);
-        let (id, ref_count) = (o.id, o.refs.len() as u32);
+        let (id, ref_count) = (o.id, o.ref_count);
         let waiting = o.removal.is_some() || o.gone || o.unbind_hold.is_some();
         self.events.push(Event::Released {
             id,
@@ -449,26 +461,30 @@ impl Model {
     /// Removes a reference from the indexes; returns the object it was on.
     fn detach_ref(&mut self, rkey: Key) -> Key {
         let r = self.refs.remove(rkey as usize);
-        self.ref_ids.remove(&r.id);
-        let o = self.obj_mut(r.object);
-        o.refs.swap_remove(r.pos as usize);
-        if let Some(&moved) = o.refs.get(r.pos as usize) {
-            self.refs[moved as usize].pos = r.pos;
+        if r.next != NONE {
+            self.refs[r.next as usize].prev = r.prev;
         }
+        if r.prev != NONE {
+            self.refs[r.prev as usize].next = r.next;
+        } else {
+            self.obj_mut(r.object).ref_head = r.next;
+        }
+        self.obj_mut(r.object).ref_count -= 1;
         r.object
     }
 
     /// Revokes every reference on `key` (rule 9), telling the holders through
     /// `Revoked` events.
     fn revoke_all(&mut self, key: Key) {
-        while let Some(&rkey) = self.obj(key).refs.last() {
+        while self.obj(key).ref_head != NONE {
+            let rkey = self.obj(key).ref_head;
             let reference = self.refs[rkey as usize].id;
             self.detach_ref(rkey);
             let o = self.obj(key);
             self.events.push(Event::Revoked {
                 id: o.id,
                 reference,
-                ref_count: o.refs.len() as u32,
+                ref_count: o.ref_count,
             });
         }
     }
@@ -492,7 +508,7 @@ impl Model {
                 // Not going away; but a driver removal holding it back may
                 // now let it go. (When it does go, its removal comes first:
                 // its driver must still be bound to tear it down.)
-                if o.unbind_hold.is_some() && o.refs.is_empty() && o.scanned_children == 0 {
+                if o.unbind_hold.is_some() && o.ref_count == 0 && o.scanned_children == 0 {
                     let d = o.driver;
                     self.unbind_now(k);
                     work.push((d, self.obj(d).id));
@@ -664,7 +680,7 @@ impl Model {
             self.drop_request(req);
         }
         let o = self.objects.remove(key as usize);
-        debug_assert!(o.refs.is_empty() && o.children.is_empty() && o.bound().is_empty());
+        debug_assert!(o.ref_count == 0 && o.children.is_empty() && o.bound().is_empty());
         let state = o.state();
         if state == State::Removing {
             self.pending -= 1;
@@ -672,7 +688,6 @@ impl Model {
         if !o.gone {
             self.names[kind_slot(o.kind)].remove(&*o.name);
         }
-        self.ids.remove(&o.id);
         if o.parent != NONE {
             let p = self.obj_mut(o.parent);
             p.children.swap_remove(o.pos_in_parent as usize);
@@ -784,7 +799,7 @@ impl Model {
         let scanned = self.scanned_subtrees(key);
         let holders: usize = std::iter::once(key)
             .chain(scanned.iter().map(|&(k, _)| k))
-            .map(|k| self.obj(k).refs.len())
+            .map(|k| self.obj(k).ref_count as usize)
             .sum();
         if holders > 0 && !force {
             return Err(Error::invalid_state(format!(
@@ -1001,10 +1016,14 @@ impl Model {
     /// Rule 11: tells the holders of `key` that a removal waits on them.
     fn request_release(&mut self, key: Key, root: Key) {
         let o = self.obj(key);
-        if o.refs.is_empty() {
+        if o.ref_count == 0 {
             return;
         }
-        let references = o.refs.iter().map(|&r| self.refs[r as usize].id).collect();
+        let references = self
+            .ref_keys(key)
+            .into_iter()
+            .map(|r| self.refs[r as usize].id)
+            .collect();
         let (id, waiting_for) = (o.id, self.obj(root).id);
         self.events.push(Event::ReleaseRequested {
             id,
@@ -1053,7 +1072,7 @@ impl Model {
                 }
             }
             let o = self.obj(b);
-            if o.refs.is_empty() && o.scanned_children == 0 && !o.exiting {
+            if o.ref_count == 0 && o.scanned_children == 0 && !o.exiting {
                 self.unbind_now(b);
             } else if o.unbind_hold.is_none() {
                 // Its holders were already asked if this removal swept it up.
@@ -1082,7 +1101,7 @@ impl Model {
         let mut pending = Vec::new();
         for &(k, _) in affected {
             let o = self.obj(k);
-            let free = force || o.refs.is_empty();
+            let free = force || o.ref_count == 0;
             if root_is_driver && k != key && o.driver == key {
                 // A bound object: it is unbound, not removed.
                 let scanned_go = o
@@ -1139,7 +1158,7 @@ impl Model {
             .map(|&(k, _)| k)
             .filter(|&k| {
                 let o = self.obj(k);
-                o.state() != State::Live || !o.refs.is_empty()
+                o.state() != State::Live || !o.ref_count == 0
             })
             .map(|k| self.pending_object(k))
             .collect();

@@ -15,7 +15,7 @@ use slab::Slab;
 use crate::driver::{ImplId, ObjectView, Registry};
 use crate::error::{Error, Result};
 use crate::event::{Effect, Event};
-use crate::ids::{Counter, Micros, ObjectId, RefId, RequestId};
+use crate::ids::{slot_of, Counter, Micros, ObjectId, RefId, RequestId};
 
 /// Slab key of an object or reference. `u32` keeps per-object links small.
 pub(crate) type Key = u32;
@@ -137,7 +137,10 @@ pub(crate) struct Object {
     pub(crate) scanned_children: u32,
     pub(crate) driver: Key,
     pub(crate) pos_in_driver: u32,
-    pub(crate) refs: Vec<Key>,
+    /// Head of the intrusive list of references on this object (through
+    /// `Reference::next`), so taking one allocates nothing per object.
+    pub(crate) ref_head: Key,
+    pub(crate) ref_count: u32,
     /// The pending removal this object is part of.
     pub(crate) removal: Option<RequestId>,
     /// The pending driver removal that holds this bound object back.
@@ -166,7 +169,7 @@ impl Object {
 
     /// Idle: no references, no children, nothing bound (DESIGN.md §2).
     pub(crate) fn is_idle(&self) -> bool {
-        self.refs.is_empty() && self.children.is_empty() && self.bound().is_empty()
+        self.ref_count == 0 && self.children.is_empty() && self.bound().is_empty()
     }
 
     pub(crate) fn extra_mut(&mut self) -> &mut Extra {
@@ -191,7 +194,8 @@ impl Object {
 pub(crate) struct Reference {
     pub(crate) id: RefId,
     pub(crate) object: Key,
-    pub(crate) pos: u32,
+    pub(crate) prev: Key,
+    pub(crate) next: Key,
     pub(crate) holder: Arc<Holder>,
     pub(crate) reason: Arc<str>,
     pub(crate) since: Micros,
@@ -209,12 +213,12 @@ pub(crate) struct Request {
 /// (and, for real hardware, effects) that the caller drains.
 #[derive(Debug)]
 pub struct Model {
+    /// Objects; an object id's low bits are its slot here.
     pub(crate) objects: Slab<Object>,
-    pub(crate) ids: FxHashMap<ObjectId, Key>,
     /// Name index per kind (see [`kind_slot`]) over objects that are not `gone`.
     pub(crate) names: [FxHashMap<Arc<str>, Key>; 3],
+    /// References; a reference id's low bits are its slot here.
     pub(crate) refs: Slab<Reference>,
-    pub(crate) ref_ids: FxHashMap<RefId, Key>,
     pub(crate) requests: FxHashMap<RequestId, Request>,
     pub(crate) deadlines: BTreeSet<(Micros, RequestId)>,
     pub(crate) next_object: Counter,
@@ -241,21 +245,20 @@ impl Default for Model {
 impl Model {
     /// An empty model using these driver implementations.
     pub fn new(registry: Registry) -> Self {
-        Self::with_first_id(registry, 0)
+        Self::with_sequence_after(registry, 0)
     }
 
-    /// An empty model whose object ids start after `last_id` (for a daemon
-    /// restoring state, so that ids stay unique across restarts).
-    pub fn with_first_id(registry: Registry, last_id: u64) -> Self {
+    /// An empty model whose object ids are built from sequence numbers after
+    /// `last_sequence` (for a daemon restoring state, so that ids stay unique
+    /// across restarts: persist [`Model::object_sequence`]).
+    pub fn with_sequence_after(registry: Registry, last_sequence: u64) -> Self {
         Model {
             objects: Slab::new(),
-            ids: FxHashMap::default(),
             names: Default::default(),
             refs: Slab::new(),
-            ref_ids: FxHashMap::default(),
             requests: FxHashMap::default(),
             deadlines: BTreeSet::new(),
-            next_object: Counter::starting_after(last_id),
+            next_object: Counter::starting_after(last_sequence),
             next_ref: Counter::starting_after(0),
             next_request: Counter::starting_after(0),
             pending: 0,
@@ -297,8 +300,9 @@ impl Model {
         self.refs.len()
     }
 
-    /// The last object id handed out (persist it so ids are never reused).
-    pub fn last_object_id(&self) -> u64 {
+    /// The sequence number of the last object id handed out (persist it so
+    /// that ids are never reused across restarts).
+    pub fn object_sequence(&self) -> u64 {
         self.next_object.last()
     }
 
@@ -308,10 +312,30 @@ impl Model {
     }
 
     pub(crate) fn key(&self, id: ObjectId) -> Result<Key> {
-        self.ids
-            .get(&id)
-            .copied()
-            .ok_or_else(|| Error::not_found(format!("no object with id {id}")))
+        let slot = slot_of(id.0);
+        match self.objects.get(slot as usize) {
+            Some(o) if o.id == id => Ok(slot),
+            _ => Err(Error::not_found(format!("no object with id {id}"))),
+        }
+    }
+
+    pub(crate) fn ref_key(&self, id: RefId) -> Result<Key> {
+        let slot = slot_of(id.0);
+        match self.refs.get(slot as usize) {
+            Some(r) if r.id == id => Ok(slot),
+            _ => Err(Error::not_found(format!("no reference with id {id}"))),
+        }
+    }
+
+    /// The slots of the references on `key`, newest first.
+    pub(crate) fn ref_keys(&self, key: Key) -> Vec<Key> {
+        let mut out = Vec::with_capacity(self.obj(key).ref_count as usize);
+        let mut r = self.obj(key).ref_head;
+        while r != NONE {
+            out.push(r);
+            r = self.refs[r as usize].next;
+        }
+        out
     }
 
     pub(crate) fn obj(&self, key: Key) -> &Object {
@@ -333,7 +357,7 @@ impl Model {
 
     /// Whether an object with this id exists now.
     pub fn contains(&self, id: ObjectId) -> bool {
-        self.ids.contains_key(&id)
+        self.key(id).is_ok()
     }
 
     /// The removal request an object is part of (for tests and diagnostics).
@@ -361,12 +385,7 @@ impl Model {
 
     /// A reference's description.
     pub fn reference(&self, id: RefId) -> Result<ReferenceInfo> {
-        let key = self
-            .ref_ids
-            .get(&id)
-            .copied()
-            .ok_or_else(|| Error::not_found(format!("no reference with id {id}")))?;
-        Ok(self.ref_info(key))
+        Ok(self.ref_info(self.ref_key(id)?))
     }
 
     /// The ids of an object's children.
@@ -399,10 +418,9 @@ impl Model {
 
     pub(crate) fn reference_infos(&self, key: Key) -> Vec<ReferenceInfo> {
         let mut v: Vec<ReferenceInfo> = self
-            .obj(key)
-            .refs
-            .iter()
-            .map(|&r| self.ref_info(r))
+            .ref_keys(key)
+            .into_iter()
+            .map(|r| self.ref_info(r))
             .collect();
         v.sort_by_key(|r| r.id);
         v
@@ -431,20 +449,14 @@ impl Model {
     /// Cost is linear in the model; meant for tests and debug assertions.
     pub fn check_invariants(&self) -> std::result::Result<(), String> {
         let mut pending = 0u32;
+        let mut total_refs = 0usize;
         let mut seen_names = 0usize;
-        if self.ids.len() != self.objects.len() {
-            return Err(format!(
-                "{} ids for {} objects",
-                self.ids.len(),
-                self.objects.len()
-            ));
-        }
         for (k, o) in self.objects.iter() {
             let k = k as Key;
-            if self.ids.get(&o.id) != Some(&k) {
-                return Err(format!("object {} not indexed by id", o.id));
+            if slot_of(o.id.0) != k {
+                return Err(format!("object {} is not in the slot its id names", o.id));
             }
-            if o.id.0 > self.next_object.last() {
+            if o.id.0 >> crate::ids::SLOT_BITS > self.next_object.last() {
                 return Err(format!("object {} beyond the id counter", o.id));
             }
             if o.state() == State::Removing {
@@ -506,11 +518,21 @@ impl Model {
                     return Err(format!("binding of {} broken", o.id));
                 }
             }
-            for (i, &r) in o.refs.iter().enumerate() {
+            let (mut count, mut prev, mut r) = (0u32, NONE, o.ref_head);
+            while r != NONE {
                 let reference = self.refs.get(r as usize).ok_or("dangling reference")?;
-                if reference.object != k || reference.pos as usize != i {
-                    return Err(format!("reference link of {} broken", o.id));
+                if reference.object != k || reference.prev != prev || count > o.ref_count {
+                    return Err(format!("reference list of {} broken", o.id));
                 }
+                total_refs += 1;
+                count += 1;
+                (prev, r) = (r, reference.next);
+            }
+            if count != o.ref_count {
+                return Err(format!(
+                    "object {} counts {} references, has {count}",
+                    o.id, o.ref_count
+                ));
             }
             if let Some(req) = o.removal {
                 if !o.exiting && !self.requests.contains_key(&req) {
@@ -533,7 +555,7 @@ impl Model {
                     return Err(format!("object {} held by unknown request {req}", o.id));
                 }
                 // While its driver is tearing it down, it stays bound to that driver.
-                if o.refs.is_empty() && o.scanned_children == 0 && !o.exiting {
+                if o.ref_count == 0 && o.scanned_children == 0 && !o.exiting {
                     return Err(format!(
                         "object {} is free but still held for unbinding",
                         o.id
@@ -553,12 +575,18 @@ impl Model {
                 "{indexed} names indexed for {seen_names} named objects"
             ));
         }
-        if self.ref_ids.len() != self.refs.len() {
-            return Err("reference index out of step".into());
+        if total_refs != self.refs.len() {
+            return Err(format!(
+                "{} references, {total_refs} on objects",
+                self.refs.len()
+            ));
         }
         for (k, r) in self.refs.iter() {
-            if self.ref_ids.get(&r.id) != Some(&(k as Key)) {
-                return Err(format!("reference {} not indexed", r.id));
+            if slot_of(r.id.0) != k as Key {
+                return Err(format!(
+                    "reference {} is not in the slot its id names",
+                    r.id
+                ));
             }
             if !self.objects.contains(r.object as usize) {
                 return Err(format!("reference {} points to a removed object", r.id));

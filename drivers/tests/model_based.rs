@@ -107,6 +107,8 @@ struct Shadow {
     seen_ids: HashSet<ObjectId>,
     kinds: HashMap<ObjectId, Kind>,
     parent: HashMap<ObjectId, ObjectId>,
+    /// Which driver each object is bound to.
+    bound_to: HashMap<ObjectId, ObjectId>,
     alive: HashSet<ObjectId>,
     refs: HashMap<ObjectId, HashSet<RefId>>,
     /// References handed out (some since released).
@@ -115,10 +117,11 @@ struct Shadow {
     /// Objects waiting on a driver action.
     exiting: Vec<ObjectId>,
     /// Which remove step last made an object removing / held back.
-    cause: HashMap<ObjectId, u64>,
+    /// The remove steps that disabled each object (held back or made it
+    /// removing), oldest first; a step leaves the stack when its removal ends.
+    cause: HashMap<ObjectId, Vec<u64>>,
     /// The root object of each remove step, and its cancel deadline.
     serial_root: HashMap<u64, ObjectId>,
-    cancel_deadlines: Vec<(u64, u64)>,
 }
 
 fn pick<T: Copy>(items: &[T], i: u16) -> Option<T> {
@@ -260,11 +263,6 @@ impl Run {
                     if let (Ok(_), false) = (&result, dry_run) {
                         remove_serial = Some(self.step);
                         self.shadow.serial_root.insert(self.step, id);
-                        if let Some((after, OnTimeout::Cancel)) = timeout {
-                            self.shadow
-                                .cancel_deadlines
-                                .push((self.now + after, self.step));
-                        }
                     }
                     result.map(drop)
                 }
@@ -333,15 +331,32 @@ impl Run {
             prop_assert!(effects.is_empty(), "refused op {op:?} produced effects");
         }
         self.check_events(op, &before, &events, remove_serial)?;
+        // A pending driver removal holds back whatever is still bound to it,
+        // even an object whose state does not change (already removing).
+        if let (Some(serial), Op::Remove { .. }) = (remove_serial, op) {
+            let root = self.shadow.serial_root[&serial];
+            if self.model.state(root).ok() == Some(State::Removing) {
+                let held: Vec<ObjectId> = self
+                    .shadow
+                    .bound_to
+                    .iter()
+                    .filter(|(_, d)| **d == root)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in held {
+                    let stack = self.shadow.cause.entry(id).or_default();
+                    if !stack.contains(&serial) {
+                        stack.push(serial);
+                    }
+                }
+            }
+        }
         if outcome.is_ok() {
             if let Some(root) = cancelled_root {
                 self.check_cancel(root, cancelled_request, &before, &events)?;
-                self.follow_transfers(root);
             }
         }
-        if matches!(op, Op::Tick { .. }) {
-            self.transfer_cancelled_deadlines();
-        }
+        self.follow_transfers();
         for Effect::Exit { id, .. } in effects {
             self.shadow.exiting.push(id);
         }
@@ -391,7 +406,7 @@ impl Run {
                     changes.entry(*id).or_default().push((*from, *to));
                     if let Some(serial) = remove_serial {
                         if *to == State::Removing || *to == State::Stopped {
-                            self.shadow.cause.insert(*id, serial);
+                            self.shadow.cause.entry(*id).or_default().push(serial);
                         }
                     }
                 }
@@ -435,12 +450,16 @@ impl Run {
                         .count();
                     prop_assert_eq!(orphans, 0, "object {} removed before its children", id);
                     prop_assert!(self.shadow.alive.remove(id), "removed twice");
+                    self.shadow.bound_to.remove(id);
                     prop_assert!(!self.model.contains(*id));
                 }
-                Event::Bound { .. }
-                | Event::Unbound { .. }
-                | Event::ReleaseRequested { .. }
-                | Event::ErrorChanged { .. } => {
+                Event::Bound { id, driver } => {
+                    self.shadow.bound_to.insert(*id, *driver);
+                }
+                Event::Unbound { id, .. } => {
+                    self.shadow.bound_to.remove(id);
+                }
+                Event::ReleaseRequested { .. } | Event::ErrorChanged { .. } => {
                     prop_assert!(self.shadow.alive.contains(&id) || self.model.contains(id));
                 }
             }
@@ -484,29 +503,32 @@ impl Run {
         before: &HashMap<ObjectId, State>,
         events: &[Event],
     ) -> Result<(), TestCaseError> {
-        let Some(&serial) = self.shadow.cause.get(&root) else {
+        let Some(&serial) = self.shadow.cause.get(&root).and_then(|stack| {
+            stack
+                .iter()
+                .rev()
+                .find(|s| self.shadow.serial_root.get(s) == Some(&root))
+        }) else {
             return Ok(());
         };
-        if before.get(&root) != Some(&State::Removing)
-            || self.shadow.serial_root.get(&serial) != Some(&root)
-        {
+        if before.get(&root) != Some(&State::Removing) {
             return Ok(());
         }
-        let changed: HashSet<ObjectId> = events
-            .iter()
-            .filter_map(|e| match e {
-                Event::StateChanged { id, .. } => Some(*id),
-                _ => None,
-            })
-            .collect();
-        for id in &changed {
-            prop_assert_eq!(
-                self.shadow.cause.get(id),
-                Some(&serial),
-                "cancelling {}'s removal changed {}, which another request caused",
-                root,
-                id
-            );
+        let touched = |id: &ObjectId| {
+            self.shadow
+                .cause
+                .get(id)
+                .is_some_and(|stack| stack.contains(&serial))
+        };
+        for event in events {
+            if let Event::StateChanged { id, .. } = event {
+                prop_assert!(
+                    touched(id),
+                    "cancelling {}'s removal changed {}, which another request caused",
+                    root,
+                    id
+                );
+            }
         }
         // Everything the removal still had disabled came back.
         for (id, old) in before {
@@ -519,12 +541,11 @@ impl Run {
                 "object {} still in the cancelled request",
                 id
             );
-            let parent_removing = now_in.is_some();
-            if self.shadow.cause.get(id) == Some(&serial)
+            if touched(id)
                 && *old == State::Removing
                 && !self.shadow.exiting.contains(id)
                 && self.model.contains(*id)
-                && !parent_removing
+                && now_in.is_none()
             {
                 prop_assert_ne!(
                     self.model.state(*id).ok(),
@@ -538,59 +559,36 @@ impl Run {
         Ok(())
     }
 
-    /// After a cancel, what the cancelled removal covered but another pending
-    /// removal still needs stays `removing` without an event: it now belongs
-    /// to its parent's removal (or to the driver removal holding the parent).
-    fn follow_transfers(&mut self, root: ObjectId) {
-        let Some(&serial) = self.shadow.cause.get(&root) else {
-            return;
-        };
-        let moved: Vec<(ObjectId, u64)> = self
+    /// A removal that ended without completing (cancelled by a call or a
+    /// deadline, or its driver root vanished in the kernel) leaves the causes
+    /// of what it covered. What stays `removing` without an event was needed
+    /// by another pending removal too: it now belongs to its parent's removal
+    /// (or to the driver removal holding the parent back).
+    fn follow_transfers(&mut self) {
+        let active: HashSet<u64> = self
+            .shadow
+            .serial_root
+            .iter()
+            .filter(|(_, root)| self.model.state(**root).ok() == Some(State::Removing))
+            .map(|(serial, _)| *serial)
+            .collect();
+        for stack in self.shadow.cause.values_mut() {
+            stack.retain(|s| active.contains(s));
+        }
+        let orphans: Vec<(ObjectId, u64)> = self
             .shadow
             .cause
             .iter()
-            .filter(|(id, cause)| **cause == serial && **id != root)
-            .filter(|(id, _)| self.model.state(**id).ok() == Some(State::Removing))
+            .filter(|(id, stack)| {
+                stack.is_empty() && self.model.state(**id).ok() == Some(State::Removing)
+            })
             .filter_map(|(id, _)| {
                 let parent = self.shadow.parent.get(id)?;
-                Some((*id, *self.shadow.cause.get(parent)?))
+                Some((*id, *self.shadow.cause.get(parent)?.last()?))
             })
             .collect();
-        for (id, heir) in moved {
-            self.shadow.cause.insert(id, heir);
-        }
-    }
-
-    /// A deadline cancel whose root's parent is itself being removed hands
-    /// what it covered to the parent's removal: follow that in the shadow.
-    fn transfer_cancelled_deadlines(&mut self) {
-        let now = self.now;
-        let due: Vec<u64> = self
-            .shadow
-            .cancel_deadlines
-            .iter()
-            .filter(|(t, _)| *t <= now)
-            .map(|(_, s)| *s)
-            .collect();
-        self.shadow.cancel_deadlines.retain(|(t, _)| *t > now);
-        for serial in due {
-            let Some(&root) = self.shadow.serial_root.get(&serial) else {
-                continue;
-            };
-            if self.model.state(root).ok() != Some(State::Removing) {
-                continue;
-            }
-            let Some(parent) = self.shadow.parent.get(&root).copied() else {
-                continue;
-            };
-            let Some(&heir) = self.shadow.cause.get(&parent) else {
-                continue;
-            };
-            for cause in self.shadow.cause.values_mut() {
-                if *cause == serial {
-                    *cause = heir;
-                }
-            }
+        for (id, heir) in orphans {
+            self.shadow.cause.entry(id).or_default().push(heir);
         }
     }
 }

@@ -8,6 +8,7 @@
 //! - `= result` is the step's result (`ok`, `removed`, `pending: a b`, `err Kind`);
 //! - `+ event` is the step's next event, in order; every event must be listed;
 //! - `! effect` is the step's next effect, likewise;
+//! - `#N` names the N-th object the scenario added;
 //! - `? check` asserts on the model after the step (`state X S`, `absent X`,
 //!   `refs X N`, `driver X D|-`, `error X text`, `count N`, `pending N`).
 
@@ -25,6 +26,8 @@ struct World {
     /// the latest object with that name wins).
     ids: HashMap<String, ObjectId>,
     names: HashMap<ObjectId, String>,
+    /// Every object ever added, in order: `#N` in a scenario is the N-th.
+    order: Vec<ObjectId>,
     refs: HashMap<String, RefId>,
     ref_names: HashMap<RefId, String>,
     holder: Arc<Holder>,
@@ -39,6 +42,7 @@ impl World {
             model: Model::default(),
             ids: HashMap::new(),
             names: HashMap::new(),
+            order: Vec::new(),
             refs: HashMap::new(),
             ref_names: HashMap::new(),
             holder: Arc::new(Holder {
@@ -53,7 +57,8 @@ impl World {
 
     fn id(&self, name: &str) -> ObjectId {
         if let Some(raw) = name.strip_prefix('#') {
-            return ObjectId(raw.parse().expect("#id"));
+            let n: usize = raw.parse().expect("#N");
+            return self.order[n - 1];
         }
         *self
             .ids
@@ -186,6 +191,7 @@ impl World {
                 Event::Added(info) => {
                     self.ids.insert(info.name.to_string(), info.id);
                     self.names.insert(info.id, info.name.to_string());
+                    self.order.push(info.id);
                     format!("added {} {}", info.kind, info.name)
                 }
                 Event::StateChanged { id, from, to } => {
