@@ -20,7 +20,7 @@ pub struct ObjectView<'a> {
     /// Its name.
     pub name: &'a str,
     /// Its attributes.
-    pub attributes: &'a BTreeMap<String, String>,
+    pub attributes: &'a crate::Attributes,
     /// Where it came from.
     pub origin: Origin,
     /// Its kernel subsystem, empty for API objects.

@@ -6,6 +6,7 @@
 //! do I/O, and report what happened as [`Event`]s and what real hardware must
 //! do as [`Effect`]s. The daemon owns one `Model` and feeds it commands.
 
+mod attributes;
 mod driver;
 mod error;
 mod event;
@@ -15,6 +16,7 @@ mod model;
 pub mod sim_scsi;
 pub mod validate;
 
+pub use attributes::Attributes;
 pub use driver::{Driver, Exit, ExitAction, NewChild, ObjectView, ProbeOptions, Registry};
 pub use error::{Error, ErrorKind, Result};
 pub use event::{Effect, Event};

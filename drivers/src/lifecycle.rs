@@ -184,6 +184,7 @@ impl Model {
                 }
                 let d = self.key(driver)?;
                 let view_name = req.name.clone();
+                let view_attributes = crate::Attributes::from_map(&req.attributes);
                 let probe_view = crate::driver::ObjectView {
                     id: ObjectId(compose(
                         self.next_object.peek(),
@@ -191,7 +192,7 @@ impl Model {
                     )),
                     kind: req.kind,
                     name: &view_name,
-                    attributes: &req.attributes,
+                    attributes: &view_attributes,
                     origin: req.origin,
                     subsystem: &req.subsystem,
                     sys_path: &req.sys_path,
@@ -221,7 +222,7 @@ impl Model {
             ref_count: 0,
             removal: None,
             unbind_hold: None,
-            attributes: req.attributes,
+            attributes: crate::Attributes::from_map(&req.attributes),
             extra: None,
         });
         {
@@ -333,7 +334,7 @@ impl Model {
                 ref_count: 0,
                 removal: None,
                 unbind_hold: None,
-                attributes: child.attributes,
+                attributes: crate::Attributes::from_map(&child.attributes),
                 extra: None,
             });
             self.obj_mut(parent).scanned_children += 1;

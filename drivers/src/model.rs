@@ -145,7 +145,7 @@ pub(crate) struct Object {
     pub(crate) removal: Option<RequestId>,
     /// The pending driver removal that holds this bound object back.
     pub(crate) unbind_hold: Option<RequestId>,
-    pub(crate) attributes: BTreeMap<String, String>,
+    pub(crate) attributes: crate::Attributes,
     pub(crate) extra: Option<Box<Extra>>,
 }
 
@@ -437,7 +437,7 @@ impl Model {
             parent: self.id_of(o.parent),
             driver: self.id_of(o.driver),
             holders: self.reference_infos(key),
-            attributes: o.attributes.clone(),
+            attributes: o.attributes.to_map(),
             origin: o.origin,
             subsystem: extra.map_or_else(String::new, |e| e.subsystem.clone()),
             sys_path: extra.map_or_else(String::new, |e| e.sys_path.clone()),

@@ -69,7 +69,7 @@ impl Driver for SimScsi {
     }
 
     fn exit(&self, target: &ObjectView<'_>) -> Exit {
-        match target.attributes.get(EXIT_ATTRIBUTE).map(String::as_str) {
+        match target.attributes.get(EXIT_ATTRIBUTE) {
             None | Some("ok") => Exit::Done,
             Some("fail") => Exit::Failed(format!(
                 "{}: simulated exit failure on {}",

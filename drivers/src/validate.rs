@@ -83,6 +83,12 @@ pub fn attributes(attributes: &BTreeMap<String, String>) -> Result<()> {
                 excerpt(key)
             )));
         }
+        if value.contains('\0') {
+            return Err(Error::invalid_argument(format!(
+                "attribute {} has a NUL character in its value",
+                excerpt(key)
+            )));
+        }
         if value.len() > MAX_ATTRIBUTE_VALUE_BYTES {
             return Err(Error::invalid_argument(format!(
                 "attribute {} is {} bytes long; the limit is {MAX_ATTRIBUTE_VALUE_BYTES}",
