@@ -34,10 +34,23 @@ id_type!(
     /// A reference held on an object.
     RefId
 );
-id_type!(
-    /// One removal request: what a re-enable, a stop or a deadline cancels.
-    RequestId
-);
+/// One removal request: what a re-enable, a stop or a deadline cancels.
+/// Never zero, so `Option<RequestId>` costs no more than the id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequestId(std::num::NonZeroU64);
+
+impl RequestId {
+    /// The request id for a counter value (counters start at 1).
+    pub(crate) fn from_counter(n: u64) -> Self {
+        RequestId(std::num::NonZeroU64::new(n).unwrap_or(std::num::NonZeroU64::MIN))
+    }
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
 
 /// Microseconds since the Unix epoch. The engine owns no clock: callers pass
 /// "now" in, so tests and replays are deterministic.

@@ -526,8 +526,10 @@ impl Model {
                 self.finish_removal(k);
                 true
             } else {
-                let req = self.obj(k).removal.unwrap_or(RequestId(0));
-                self.begin_exit(k, req)
+                match self.obj(k).removal {
+                    Some(req) => self.begin_exit(k, req),
+                    None => false,
+                }
             };
             if removed {
                 work.extend(next);
@@ -920,7 +922,7 @@ impl Model {
         let req = match self.root_request_of(key) {
             Some(existing) => existing,
             None => {
-                let req = RequestId(self.next_request.next());
+                let req = RequestId::from_counter(self.next_request.next());
                 self.requests.insert(
                     req,
                     Request {

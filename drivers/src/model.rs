@@ -116,11 +116,22 @@ pub(crate) struct Extra {
 }
 
 #[derive(Debug)]
+// `repr(C)` keeps the fields that acquire and release touch (id, the
+// pending markers, parent, the reference list, the state flags) together at
+// the front, in one cache line: at a million objects that line is a miss to
+// DRAM on every call, and the compiler's own order spread them over three.
+#[repr(C)]
 pub(crate) struct Object {
     pub(crate) id: ObjectId,
-    pub(crate) name: Arc<str>,
-    pub(crate) kind: Kind,
-    pub(crate) origin: Origin,
+    /// The pending removal this object is part of.
+    pub(crate) removal: Option<RequestId>,
+    /// The pending driver removal that holds this bound object back.
+    pub(crate) unbind_hold: Option<RequestId>,
+    pub(crate) parent: Key,
+    /// Head of the intrusive list of references on this object (through
+    /// `Reference::next`), so taking one allocates nothing per object.
+    pub(crate) ref_head: Key,
+    pub(crate) ref_count: u32,
     pub(crate) admin: Admin,
     /// The kernel removed the real thing while it was referenced.
     pub(crate) gone: bool,
@@ -128,23 +139,17 @@ pub(crate) struct Object {
     pub(crate) exiting: bool,
     /// Created by its parent's driver probe (torn down when that driver lets go).
     pub(crate) scanned: bool,
+    pub(crate) kind: Kind,
+    pub(crate) origin: Origin,
     /// The driver implementation that tears this object down, if any.
     pub(crate) handler: Option<ImplId>,
-    pub(crate) parent: Key,
     pub(crate) pos_in_parent: u32,
-    pub(crate) children: Vec<Key>,
     /// How many children are `scanned` and not yet let go of.
     pub(crate) scanned_children: u32,
     pub(crate) driver: Key,
     pub(crate) pos_in_driver: u32,
-    /// Head of the intrusive list of references on this object (through
-    /// `Reference::next`), so taking one allocates nothing per object.
-    pub(crate) ref_head: Key,
-    pub(crate) ref_count: u32,
-    /// The pending removal this object is part of.
-    pub(crate) removal: Option<RequestId>,
-    /// The pending driver removal that holds this bound object back.
-    pub(crate) unbind_hold: Option<RequestId>,
+    pub(crate) name: Arc<str>,
+    pub(crate) children: Vec<Key>,
     pub(crate) attributes: crate::Attributes,
     pub(crate) extra: Option<Box<Extra>>,
 }
