@@ -556,10 +556,11 @@ impl Model {
         }
     }
 
-    /// How the real thing behind `key` is torn down.
-    fn exit_plan(&self, key: Key) -> Exit {
+    /// The driver implementation that tears `key` down: the one that created
+    /// it (or that the caller named), else the one of the driver it is bound to.
+    fn implementation_of(&self, key: Key) -> Option<ImplId> {
         let o = self.obj(key);
-        let implementation: Option<ImplId> = o.handler.or_else(|| {
+        o.handler.or_else(|| {
             (o.driver != NONE)
                 .then(|| {
                     self.obj(o.driver)
@@ -568,8 +569,13 @@ impl Model {
                         .and_then(|e| e.implementation)
                 })
                 .flatten()
-        });
-        match implementation {
+        })
+    }
+
+    /// How the real thing behind `key` is torn down.
+    fn exit_plan(&self, key: Key) -> Exit {
+        let o = self.obj(key);
+        match self.implementation_of(key) {
             Some(i) => self.registry.get(i).exit(&o.view()),
             None if o.origin == Origin::Udev => Exit::NotSupported(format!(
                 "{} has no driver that can remove the real device",
@@ -593,22 +599,11 @@ impl Model {
                     o.exiting = true;
                 });
                 self.release_scanned(key);
-                let o = self.obj(key);
-                let driver = o
-                    .handler
-                    .or_else(|| {
-                        (o.driver != NONE)
-                            .then(|| {
-                                self.obj(o.driver)
-                                    .extra
-                                    .as_ref()
-                                    .and_then(|e| e.implementation)
-                            })
-                            .flatten()
-                    })
+                let driver = self
+                    .implementation_of(key)
                     .map_or("", |i| self.registry.get(i).name());
                 self.effects.push(Effect::Exit {
-                    id: o.id,
+                    id: self.obj(key).id,
                     driver,
                     action,
                 });
