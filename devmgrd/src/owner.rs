@@ -1,0 +1,98 @@
+//! The one owner of the device model: a task that runs every command against
+//! the `Model` in arrival order, then hands the events it produced to the
+//! event pump together with the command's reply, so a client never sees a
+//! method reply before the signals and objects that the call caused.
+
+use drivers::{Event, Model, ObjectId, ReferenceInfo};
+use tokio::sync::{mpsc, oneshot};
+
+/// Delivers a command's reply once its events have been published.
+pub type Deliver = Box<dyn FnOnce() + Send>;
+
+/// A command: runs on the model, returns how to deliver its reply.
+type Job = Box<dyn FnOnce(&mut Model) -> Deliver + Send>;
+
+/// What the owner hands to the event pump after each command.
+pub struct Batch {
+    /// Events in causal order.
+    pub events: Vec<Event>,
+    /// Object count and pending removals after the command.
+    pub counts: (u32, u32),
+    /// The holders, after the command, of every object whose references changed.
+    pub holders: Vec<(ObjectId, Vec<ReferenceInfo>)>,
+    /// The command's reply, to send after the events are published.
+    pub deliver: Deliver,
+}
+
+/// A cheap, cloneable way to send commands to the owner.
+#[derive(Clone)]
+pub struct ModelHandle {
+    jobs: mpsc::UnboundedSender<Job>,
+}
+
+/// The owner stopped (the daemon is shutting down).
+#[derive(Debug)]
+pub struct OwnerGone;
+
+impl ModelHandle {
+    /// Runs `f` on the model and returns its result, after the events it
+    /// caused have been published on the bus.
+    pub async fn call<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Model) -> R + Send + 'static,
+    ) -> Result<R, OwnerGone> {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |model| {
+            let result = f(model);
+            Box::new(move || {
+                // The caller may have gone away meanwhile; nothing to do then.
+                let _ = tx.send(result);
+            })
+        });
+        self.jobs.send(job).map_err(|_| OwnerGone)?;
+        rx.await.map_err(|_| OwnerGone)
+    }
+}
+
+/// Starts the owner task; returns the handle and the stream of batches.
+pub fn spawn(mut model: Model) -> (ModelHandle, mpsc::UnboundedReceiver<Batch>) {
+    let (jobs_tx, mut jobs_rx) = mpsc::unbounded_channel::<Job>();
+    let (batch_tx, batch_rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(job) = jobs_rx.recv().await {
+            let deliver = job(&mut model);
+            // Driver actions (effects) get their executor with real drivers
+            // (issue 5); sim-scsi's synchronous exits need none.
+            model.take_effects();
+            let events = model.take_events();
+            let mut touched: Vec<ObjectId> = events
+                .iter()
+                .filter_map(|e| match e {
+                    Event::Acquired { id, .. }
+                    | Event::Released { id, .. }
+                    | Event::Revoked { id, .. } => Some(*id),
+                    _ => None,
+                })
+                .collect();
+            touched.sort_unstable();
+            touched.dedup();
+            let holders = touched
+                .into_iter()
+                .filter_map(|id| model.holders(id).ok().map(|h| (id, h)))
+                .collect();
+            let batch = Batch {
+                events,
+                holders,
+                counts: (
+                    u32::try_from(model.object_count()).unwrap_or(u32::MAX),
+                    model.pending_removals(),
+                ),
+                deliver,
+            };
+            if batch_tx.send(batch).is_err() {
+                break;
+            }
+        }
+    });
+    (ModelHandle { jobs: jobs_tx }, batch_rx)
+}
