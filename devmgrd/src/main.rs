@@ -2,6 +2,7 @@
 //! as `org.devmgr.DevMgr1` (shared/DESIGN.md §3).
 
 mod errors;
+mod handles;
 mod owner;
 mod pump;
 mod service;
@@ -74,7 +75,8 @@ async fn run(args: Args) -> Result<(), String> {
             ),
             e => format!("cannot serve on the {} bus: {e}", args.bus),
         })?;
-    tokio::spawn(pump::run(conn.clone(), handle.clone(), batches));
+    let handles = handles::Handles::default();
+    tokio::spawn(pump::run(conn.clone(), handle.clone(), handles, batches));
     // Publish what the model already holds (the sim-scsi driver).
     handle
         .call(|_| ())

@@ -6,6 +6,13 @@
 use drivers::{Event, Model, ObjectId, ReferenceInfo};
 use tokio::sync::{mpsc, oneshot};
 
+/// Microseconds since the Unix epoch: the engine's "now".
+pub fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
 /// Delivers a command's reply once its events have been published.
 pub type Deliver = Box<dyn FnOnce() + Send>;
 
@@ -59,7 +66,29 @@ pub fn spawn(mut model: Model) -> (ModelHandle, mpsc::UnboundedReceiver<Batch>) 
     let (jobs_tx, mut jobs_rx) = mpsc::unbounded_channel::<Job>();
     let (batch_tx, batch_rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
-        while let Some(job) = jobs_rx.recv().await {
+        loop {
+            // Sleep until the next command or the next removal deadline
+            // (rule 10), whichever comes first.
+            let job: Job = match model.next_deadline() {
+                None => match jobs_rx.recv().await {
+                    Some(job) => job,
+                    None => break,
+                },
+                Some(deadline) => {
+                    let wait =
+                        std::time::Duration::from_micros(deadline.saturating_sub(now_micros()));
+                    tokio::select! {
+                        job = jobs_rx.recv() => match job {
+                            Some(job) => job,
+                            None => break,
+                        },
+                        () = tokio::time::sleep(wait) => Box::new(|m: &mut Model| {
+                            m.tick(now_micros());
+                            Box::new(|| ()) as Deliver
+                        }),
+                    }
+                }
+            };
             let deliver = job(&mut model);
             // Driver actions (effects) get their executor with real drivers
             // (issue 5); sim-scsi's synchronous exits need none.

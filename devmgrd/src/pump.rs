@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use zbus::object_server::{InterfaceRef, SignalEmitter};
 use zbus::{Connection, ObjectServer};
 
+use crate::handles::Handles;
 use crate::owner::{Batch, ModelHandle};
 use crate::service::{path_of, set_state, Manager, ObjectIface};
 
@@ -31,12 +32,16 @@ pub fn holder_tuple(r: &ReferenceInfo) -> HolderTuple {
 pub async fn run(
     conn: Connection,
     handle: ModelHandle,
+    handles: Handles,
     mut batches: mpsc::UnboundedReceiver<Batch>,
 ) {
     let server = conn.object_server();
     while let Some(batch) = batches.recv().await {
         for event in batch.events {
-            if let Err(e) = publish(&conn, server, &handle, event).await {
+            if let Event::Revoked { reference, .. } = &event {
+                handles.revoke(*reference);
+            }
+            if let Err(e) = publish(&conn, server, &handle, &handles, event).await {
                 tracing::warn!("could not publish an event: {e}");
             }
         }
@@ -60,13 +65,17 @@ async fn publish(
     conn: &Connection,
     server: &ObjectServer,
     handle: &ModelHandle,
+    handles: &Handles,
     event: Event,
 ) -> zbus::Result<()> {
     match event {
         Event::Added(info) => {
             let path = path_of(Some(info.id));
             server
-                .at(path, ObjectIface::new(handle.clone(), *info))
+                .at(
+                    path,
+                    ObjectIface::new(handle.clone(), handles.clone(), *info),
+                )
                 .await?;
         }
         Event::StateChanged { id, to, .. } => {

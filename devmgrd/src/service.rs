@@ -11,20 +11,14 @@ use drivers::{
     AddRequest, Kind, ObjectId, ObjectInfo, OnTimeout, ProbeOptions, RemoveOptions, State,
 };
 use proto::{HolderTuple, NO_OBJECT_PATH};
+use zbus::message::Header;
 use zbus::object_server::SignalEmitter;
-use zbus::{interface, ObjectPath, OwnedObjectPath, OwnedVariant};
+use zbus::{fdo, interface, Connection, ObjectPath, OwnedFd, OwnedObjectPath, OwnedVariant};
 
 use crate::errors::{bad_option, from_engine, from_owner};
-use crate::owner::ModelHandle;
+use crate::owner::{now_micros, ModelHandle};
 
 type Options = HashMap<String, OwnedVariant>;
-
-/// Microseconds since the Unix epoch: the engine's "now".
-pub fn now_micros() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
-}
 
 /// The D-Bus path of an object, or `/` for none.
 pub fn path_of(id: Option<ObjectId>) -> OwnedObjectPath {
@@ -168,16 +162,18 @@ pub struct Cache {
 /// reply, and the pump must update the cache meanwhile.
 pub struct ObjectIface {
     handle: ModelHandle,
+    handles: crate::handles::Handles,
     id: ObjectId,
     cache: Mutex<Cache>,
 }
 
 impl ObjectIface {
     /// The interface for a newly added object.
-    pub fn new(handle: ModelHandle, info: ObjectInfo) -> Self {
+    pub fn new(handle: ModelHandle, handles: crate::handles::Handles, info: ObjectInfo) -> Self {
         let holders = info.holders.iter().map(crate::pump::holder_tuple).collect();
         ObjectIface {
             handle,
+            handles,
             id: info.id,
             cache: Mutex::new(Cache { info, holders }),
         }
@@ -203,6 +199,41 @@ impl ObjectIface {
 
 #[interface(name = "org.devmgr.DevMgr1.Object", introspection_docs = false)]
 impl ObjectIface {
+    /// Takes a reference, held for as long as any copy of the returned file
+    /// descriptor is open. The holder's bus name, uid and pid come from the
+    /// bus's credentials for the caller, not from the caller's word.
+    async fn acquire(
+        &self,
+        reason: String,
+        options: Options,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<OwnedFd, proto::Error> {
+        no_options(&options)?;
+        let sender = header
+            .sender()
+            .ok_or_else(|| proto::Error::AccessDenied("the call has no sender".into()))?
+            .to_owned();
+        let credentials = fdo::DBusProxy::new(conn)
+            .await?
+            .get_connection_credentials(sender.clone().into())
+            .await
+            .map_err(|e| proto::Error::AccessDenied(format!("cannot identify the caller: {e}")))?;
+        let holder = std::sync::Arc::new(drivers::Holder {
+            key: 0,
+            bus_name: sender.to_string(),
+            uid: credentials.unix_user_id().unwrap_or(u32::MAX),
+            pid: credentials.process_id().unwrap_or(0),
+        });
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+            .map_err(|e| proto::Error::QuotaExceeded(format!("cannot make a handle: {e}")))?;
+        let reference = self
+            .run(move |m, id| m.acquire(id, holder, reason, now_micros()))
+            .await?;
+        self.handles.watch(self.handle.clone(), reference, ours);
+        Ok(OwnedFd::from(std::os::fd::OwnedFd::from(theirs)))
+    }
+
     /// Removes the object; never waits. Returns `removed` or `pending` and
     /// what the removal still waits on.
     #[zbus(out_args("outcome", "pending"))]

@@ -518,3 +518,264 @@ async fn a_10_mb_name_is_refused_and_the_daemon_keeps_serving() {
         .await;
     assert!(ok.is_ok(), "{ok:?}");
 }
+
+/// A zbus client for the fd-reference tests.
+struct Client {
+    conn: zbus::Connection,
+    manager: zbus::Proxy<'static>,
+}
+
+type NoOptions = HashMap<&'static str, zbus::Variant<'static>>;
+
+impl Client {
+    async fn connect(bus: &TestBus) -> Client {
+        let conn = zbus::connection::Builder::address(bus.address.as_str())
+            .build()
+            .await
+            .expect("client connection");
+        let manager = zbus::Proxy::new(&conn, proto::BUS_NAME, proto::MANAGER_PATH, MANAGER)
+            .await
+            .expect("manager proxy");
+        Client { conn, manager }
+    }
+
+    async fn add_host(&self, name: &str) -> zbus::OwnedObjectPath {
+        let root = zbus::ObjectPath::from_static_str_unchecked("/");
+        self.manager
+            .call("Add", &("host", name, root, NoOptions::new()))
+            .await
+            .expect("add host")
+    }
+
+    async fn object(&self, path: &zbus::OwnedObjectPath) -> zbus::Proxy<'static> {
+        zbus::Proxy::new(&self.conn, proto::BUS_NAME, path.to_string(), OBJECT)
+            .await
+            .expect("object proxy")
+    }
+
+    async fn acquire(&self, path: &zbus::OwnedObjectPath) -> std::os::fd::OwnedFd {
+        let fd: zbus::OwnedFd = self
+            .object(path)
+            .await
+            .call("Acquire", &("testing", NoOptions::new()))
+            .await
+            .expect("acquire");
+        std::os::fd::OwnedFd::from(fd)
+    }
+
+    /// RefCount, read fresh (no proxy cache).
+    async fn ref_count(&self, path: &zbus::OwnedObjectPath) -> Option<u32> {
+        let props = zbus::fdo::PropertiesProxy::builder(&self.conn)
+            .destination(proto::BUS_NAME)
+            .path(path.clone())
+            .build()
+            .await
+            .expect("properties proxy");
+        let iface = zbus::names::InterfaceName::from_static_str_unchecked(OBJECT);
+        let value = props.get(iface, "RefCount").await.ok()?;
+        u32::try_from(&value).ok()
+    }
+
+    async fn exists(&self, path: &zbus::OwnedObjectPath) -> bool {
+        self.ref_count(path).await.is_some()
+    }
+}
+
+/// Polls `cond` every 10 ms for up to `limit`; returns how long it took.
+async fn within<F, Fut>(limit: Duration, mut cond: F) -> Option<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if cond().await {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_fd_reference_lives_while_any_copy_is_open() {
+    let bus = TestBus::start();
+    let _daemon = Daemon::start(&bus);
+    let client = Client::connect(&bus).await;
+    let host = client.add_host("held").await;
+    let fd = client.acquire(&host).await;
+    assert_eq!(client.ref_count(&host).await, Some(1));
+
+    // Holders come from the bus's credentials: our unique name, uid and pid.
+    let object = client.object(&host).await;
+    let holders: Vec<(u64, String, u32, u32, String, u64)> =
+        object.get_property("Holders").await.expect("Holders");
+    let unique = client.conn.unique_name().expect("unique name").to_string();
+    assert_eq!(holders.len(), 1);
+    assert_eq!(holders[0].1, unique);
+    assert_eq!(holders[0].3, std::process::id());
+    assert_eq!(holders[0].4, "testing");
+
+    // A dup keeps the reference when the original closes.
+    let dup = fd.try_clone().expect("dup");
+    drop(fd);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        client.ref_count(&host).await,
+        Some(1),
+        "closing one copy released the reference"
+    );
+
+    // Busy: the removal is pending, with the object listed.
+    let (outcome, pending): (String, Vec<zbus::OwnedObjectPath>) = object
+        .call("Remove", &(NoOptions::new(),))
+        .await
+        .expect("remove");
+    assert_eq!((outcome.as_str(), pending), ("pending", vec![host.clone()]));
+
+    // Closing the last copy releases it and the removal completes.
+    drop(dup);
+    let took = within(Duration::from_secs(2), || async {
+        !client.exists(&host).await
+    })
+    .await;
+    let took = took.expect("the removal did not complete after the last copy closed");
+    eprintln!("release → removal completed in {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_holder_releases_its_reference() {
+    let bus = TestBus::start();
+    let _daemon = Daemon::start(&bus);
+    let client = Client::connect(&bus).await;
+    let host = client.add_host("victim").await;
+    // A separate process (python-dbus) holds the reference and then waits.
+    let script = format!(
+        r#"import dbus, sys, time
+bus = dbus.bus.BusConnection("{}")
+obj = bus.get_object("{}", "{}")
+fd = obj.Acquire("python holder", dbus.Dictionary({{}}, signature="sv"), dbus_interface="{}")
+print("held", flush=True)
+time.sleep(60)
+"#,
+        bus.address,
+        proto::BUS_NAME,
+        host.as_str(),
+        OBJECT
+    );
+    let mut holder = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", &script])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 with dbus-python (package python3-dbus)");
+    let acquired = within(Duration::from_secs(10), || async {
+        client.ref_count(&host).await == Some(1)
+    })
+    .await;
+    assert!(acquired.is_some(), "the python holder never acquired");
+    let object = client.object(&host).await;
+    let (outcome, _): (String, Vec<zbus::OwnedObjectPath>) = object
+        .call("Remove", &(NoOptions::new(),))
+        .await
+        .expect("remove");
+    assert_eq!(outcome, "pending");
+
+    holder.kill().expect("SIGKILL the holder");
+    let _ = holder.wait();
+    let took = within(Duration::from_secs(2), || async {
+        !client.exists(&host).await
+    })
+    .await;
+    let took = took.expect("the killed holder's reference was not released");
+    // How fast is for benchmarks, not tests (shared, noisy machines).
+    eprintln!("SIGKILL → removal completed in {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn force_and_a_revoke_deadline_close_the_holders_handle() {
+    use std::io::Read;
+    let bus = TestBus::start();
+    let _daemon = Daemon::start(&bus);
+    let client = Client::connect(&bus).await;
+
+    // Force: the removal completes at once and the holder reads EOF.
+    let host = client.add_host("forced").await;
+    let fd = client.acquire(&host).await;
+    let mut options = HashMap::<&str, zbus::Variant<'_>>::new();
+    options.insert("force", zbus::Variant::from(true));
+    let (outcome, _): (String, Vec<zbus::OwnedObjectPath>) = client
+        .object(&host)
+        .await
+        .call("Remove", &(options,))
+        .await
+        .expect("force remove");
+    assert_eq!(outcome, "removed");
+    let mut stream = std::os::unix::net::UnixStream::from(fd);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    assert_eq!(
+        stream.read(&mut [0u8; 8]).expect("read"),
+        0,
+        "the revoked handle is not at EOF"
+    );
+
+    // A deadline with on-timeout=revoke: pending first, gone after 1 s.
+    let host = client.add_host("deadline").await;
+    let fd = client.acquire(&host).await;
+    let mut options = HashMap::<&str, zbus::Variant<'_>>::new();
+    options.insert("timeout-sec", zbus::Variant::from(1u32));
+    options.insert("on-timeout", zbus::Variant::from("revoke"));
+    let (outcome, _): (String, Vec<zbus::OwnedObjectPath>) = client
+        .object(&host)
+        .await
+        .call("Remove", &(options,))
+        .await
+        .expect("remove with deadline");
+    assert_eq!(outcome, "pending");
+    let took = within(Duration::from_secs(5), || async {
+        !client.exists(&host).await
+    })
+    .await;
+    let took = took.expect("the deadline never revoked");
+    assert!(
+        took >= Duration::from_millis(700),
+        "revoked early, after {took:?}"
+    );
+    let mut stream = std::os::unix::net::UnixStream::from(fd);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    assert_eq!(stream.read(&mut [0u8; 8]).expect("read"), 0);
+
+    // A deadline with on-timeout=cancel: back to live, reference kept.
+    let host = client.add_host("cancelled").await;
+    let _fd = client.acquire(&host).await;
+    let mut options = HashMap::<&str, zbus::Variant<'_>>::new();
+    options.insert("timeout-sec", zbus::Variant::from(1u32));
+    options.insert("on-timeout", zbus::Variant::from("cancel"));
+    let object = client.object(&host).await;
+    let _: (String, Vec<zbus::OwnedObjectPath>) =
+        object.call("Remove", &(options,)).await.expect("remove");
+    let live = within(Duration::from_secs(5), || async {
+        let state: Result<String, _> = client.object(&host).await.get_property("State").await;
+        state.is_ok_and(|s| s == "live")
+    })
+    .await;
+    assert!(live.is_some(), "the cancel deadline never brought it back");
+    assert_eq!(client.ref_count(&host).await, Some(1));
+
+    // Acquire on a stopped object: InvalidState.
+    object
+        .call::<_, _, ()>("Stop", &(NoOptions::new(),))
+        .await
+        .expect("stop");
+    let refused: Result<zbus::OwnedFd, zbus::Error> =
+        object.call("Acquire", &("late", NoOptions::new())).await;
+    match refused {
+        Err(zbus::Error::MethodError(name, _, _)) => {
+            assert_eq!(name.as_str(), "org.devmgr.DevMgr1.Error.InvalidState")
+        }
+        other => panic!("Acquire on a stopped object gave {other:?}"),
+    }
+}
