@@ -1,6 +1,7 @@
 //! devmgrd: the devmgr daemon. Owns the device model and serves it on D-Bus
 //! as `org.devmgr.DevMgr1` (shared/DESIGN.md §3).
 
+mod bus;
 mod errors;
 mod handles;
 mod owner;
@@ -17,10 +18,15 @@ use zbus::{connection, fdo};
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
-    /// The bus to serve on: `session`, `system`, or a D-Bus address such as
-    /// `unix:path=/run/devmgr/bus`.
-    #[arg(long, default_value = "system")]
-    bus: String,
+    /// The bus to serve on: `auto` (the session bus if there is one, else the
+    /// system bus if it runs, else an embedded private bus), `session`,
+    /// `system`, `embedded`, or a D-Bus address such as `unix:path=/run/x`.
+    #[arg(long, default_value = "auto")]
+    bus: bus::BusChoice,
+    /// Where the embedded bus puts its socket and address file (default
+    /// /run/devmgr as root, else $XDG_RUNTIME_DIR/devmgr).
+    #[arg(long)]
+    runtime_dir: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
@@ -42,25 +48,18 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> Result<(), String> {
-    let mut model = Model::default();
-    // The simulated SCSI host adapter is always there, for demos and tests.
-    model
-        .add(AddRequest::new(Kind::Driver, proto::SIM_SCSI_DRIVER))
-        .map_err(|e| format!("cannot create the sim-scsi driver: {e}"))?;
-    let (handle, batches) = owner::spawn(model);
+/// Serves the manager on one bus; the error says what went wrong in words.
+async fn serve(
+    builder: connection::Builder<'_>,
+    handle: &owner::ModelHandle,
+    label: &str,
+) -> Result<zbus::Connection, (bool, String)> {
     let manager = service::Manager {
         handle: handle.clone(),
         object_count: 0.into(),
         pending_removals: 0.into(),
     };
-    // Builders are infallible in zbus 6: a bad or unreachable bus shows up at `build()`.
-    let builder = match args.bus.as_str() {
-        "session" => connection::Builder::session(),
-        "system" => connection::Builder::system(),
-        address => connection::Builder::address(address),
-    };
-    let conn = builder
+    builder
         .serve_at(proto::MANAGER_PATH, manager)
         .serve_at(proto::MANAGER_PATH, fdo::ObjectManager)
         .name(proto::BUS_NAME)
@@ -68,13 +67,66 @@ async fn run(args: Args) -> Result<(), String> {
         .build()
         .await
         .map_err(|e| match e {
-            zbus::Error::NameTaken => format!(
-                "{} is already owned on the {} bus: is another devmgrd running?",
-                proto::BUS_NAME,
-                args.bus
+            // Another devmgrd: never fall back, never steal.
+            zbus::Error::NameTaken => (
+                false,
+                format!(
+                    "{} is already owned on the {label} bus: is another devmgrd running?",
+                    proto::BUS_NAME
+                ),
             ),
-            e => format!("cannot serve on the {} bus: {e}", args.bus),
-        })?;
+            e => (true, format!("cannot serve on the {label} bus: {e}")),
+        })
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let mut model = Model::default();
+    // The simulated SCSI host adapter is always there, for demos and tests.
+    model
+        .add(AddRequest::new(Kind::Driver, proto::SIM_SCSI_DRIVER))
+        .map_err(|e| format!("cannot create the sim-scsi driver: {e}"))?;
+    let (handle, batches) = owner::spawn(model);
+    let runtime_dir = args.runtime_dir.clone().unwrap_or_else(bus::runtime_dir);
+    let auto = args.bus == bus::BusChoice::Auto;
+    let choice = args.bus.resolve();
+    let mut embedded = None;
+    let shared = match &choice {
+        bus::BusChoice::Session => Some((connection::Builder::session(), "session".to_owned())),
+        bus::BusChoice::System => Some((connection::Builder::system(), "system".to_owned())),
+        bus::BusChoice::Address(a) => Some((connection::Builder::address(a.as_str()), a.clone())),
+        bus::BusChoice::Embedded | bus::BusChoice::Auto => None,
+    };
+    let conn = match shared {
+        Some((builder, label)) => match serve(builder, &handle, &label).await {
+            Ok(conn) => Some((conn, label)),
+            Err((true, why)) if auto => {
+                tracing::warn!("{why}; serving on an embedded bus instead");
+                None
+            }
+            Err((_, why)) => return Err(why),
+        },
+        None => None,
+    };
+    let (conn, label) = match conn {
+        Some(served) => served,
+        None => {
+            let bus = bus::EmbeddedBus::start(&runtime_dir).await?;
+            let address = bus.address().to_owned();
+            embedded = Some(bus);
+            let conn = serve(
+                connection::Builder::address(address.as_str()),
+                &handle,
+                "embedded",
+            )
+            .await
+            .map_err(|(_, why)| why)?;
+            tracing::info!(
+                "embedded bus at {address} (written to {})",
+                bus::address_file(&runtime_dir).display()
+            );
+            (conn, "embedded".to_owned())
+        }
+    };
     let handles = handles::Handles::default();
     tokio::spawn(pump::run(conn.clone(), handle.clone(), handles, batches));
     // Publish what the model already holds (the sim-scsi driver).
@@ -82,11 +134,25 @@ async fn run(args: Args) -> Result<(), String> {
         .call(|_| ())
         .await
         .map_err(|_| "the model's owner stopped".to_owned())?;
-    tracing::info!("serving {} on the {} bus", proto::BUS_NAME, args.bus);
-    wait_for_shutdown().await;
+    tracing::info!("serving {} on the {label} bus", proto::BUS_NAME);
+    let lost = tokio::select! {
+        () = wait_for_shutdown() => None,
+        why = async {
+            match embedded.as_mut() {
+                Some(bus) => bus.exited().await,
+                None => std::future::pending().await,
+            }
+        } => Some(why),
+    };
     tracing::info!("shutting down");
     let _ = conn.release_name(proto::BUS_NAME).await;
-    Ok(())
+    if let Some(bus) = embedded {
+        bus.stop().await;
+    }
+    match lost {
+        None => Ok(()),
+        Some(why) => Err(why),
+    }
 }
 
 async fn wait_for_shutdown() {

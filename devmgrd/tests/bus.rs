@@ -779,3 +779,101 @@ async fn force_and_a_revoke_deadline_close_the_holders_handle() {
         other => panic!("Acquire on a stopped object gave {other:?}"),
     }
 }
+
+/// A fresh runtime directory for an embedded bus.
+fn runtime_dir(tag: &str) -> TempDir {
+    let dir = std::env::temp_dir().join(format!(
+        "devmgr-rt-{tag}-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
+    TempDir(dir)
+}
+
+/// Starts devmgrd on an embedded bus in `dir`; returns once it answers there.
+fn start_embedded(dir: &TempDir) -> (Daemon, String) {
+    let child = Command::new(env!("CARGO_BIN_EXE_devmgrd"))
+        .args(["--bus", "embedded", "--runtime-dir"])
+        .arg(&dir.0)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start devmgrd");
+    let daemon = Daemon { child };
+    let file = dir.0.join("bus");
+    let mut address = String::new();
+    wait_for(
+        || {
+            address = std::fs::read_to_string(&file)
+                .unwrap_or_default()
+                .trim()
+                .to_owned();
+            !address.is_empty()
+                && busctl_at(&address, &["status", proto::BUS_NAME])
+                    .status
+                    .success()
+        },
+        "devmgrd on its embedded bus",
+    );
+    (daemon, address)
+}
+
+fn busctl_at(address: &str, args: &[&str]) -> Output {
+    Command::new("busctl")
+        .arg(format!("--address={address}"))
+        .args(args)
+        .output()
+        .expect("busctl")
+}
+
+#[test]
+fn the_embedded_bus_serves_real_clients_and_cleans_up() {
+    let dir = runtime_dir("clean");
+    let (daemon, address) = start_embedded(&dir);
+    let tree = busctl_at(&address, &["tree", proto::BUS_NAME]);
+    assert!(String::from_utf8_lossy(&tree.stdout).contains(proto::MANAGER_PATH));
+    let out = Command::new("gdbus")
+        .args([
+            "introspect",
+            "--address",
+            &address,
+            "-d",
+            proto::BUS_NAME,
+            "-o",
+            proto::MANAGER_PATH,
+        ])
+        .output()
+        .expect("gdbus");
+    assert!(String::from_utf8_lossy(&out.stdout).contains(MANAGER));
+
+    let (status, stderr) = daemon.terminate();
+    assert!(status.success(), "devmgrd exited with {status}: {stderr}");
+    for name in ["bus", "bus.sock", "bus.conf"] {
+        assert!(!dir.0.join(name).exists(), "{name} left behind");
+    }
+}
+
+#[test]
+fn a_killed_daemon_takes_its_bus_along_and_a_new_one_starts_cleanly() {
+    let dir = runtime_dir("killed");
+    let (mut daemon, _) = start_embedded(&dir);
+    // A second daemon on the same runtime directory is refused.
+    let second = Command::new(env!("CARGO_BIN_EXE_devmgrd"))
+        .args(["--bus", "embedded", "--runtime-dir"])
+        .arg(&dir.0)
+        .output()
+        .expect("second devmgrd");
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("already listening"));
+
+    daemon.child.kill().expect("SIGKILL devmgrd");
+    let _ = daemon.child.wait();
+    // pdeathsig: the bus goes too, leaving only stale files behind.
+    wait_for(
+        || std::os::unix::net::UnixStream::connect(dir.0.join("bus.sock")).is_err(),
+        "the orphaned bus to exit",
+    );
+    let (_again, address) = start_embedded(&dir);
+    assert!(busctl_at(&address, &["tree", proto::BUS_NAME])
+        .status
+        .success());
+}
