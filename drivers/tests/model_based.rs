@@ -259,10 +259,24 @@ impl Run {
                         dry_run,
                         timeout,
                     };
+                    // Removing a root that is already pending joins its
+                    // request (rule 16): the same serial, not a new one.
+                    let ongoing = (before.get(&id) == Some(&State::Removing))
+                        .then(|| {
+                            self.shadow.cause.get(&id).and_then(|stack| {
+                                stack
+                                    .iter()
+                                    .rev()
+                                    .find(|s| self.shadow.serial_root.get(s) == Some(&id))
+                                    .copied()
+                            })
+                        })
+                        .flatten();
                     let result = self.model.remove(id, options, self.now);
                     if let (Ok(_), false) = (&result, dry_run) {
-                        remove_serial = Some(self.step);
-                        self.shadow.serial_root.insert(self.step, id);
+                        let serial = ongoing.unwrap_or(self.step);
+                        remove_serial = Some(serial);
+                        self.shadow.serial_root.insert(serial, id);
                     }
                     result.map(drop)
                 }
@@ -483,6 +497,22 @@ impl Run {
                     prop_assert_eq!(from, old);
                     prop_assert_eq!(to, state);
                     prop_assert_ne!(from, to);
+                }
+                // Several deadlines expiring in one tick are several
+                // transitions; each must still chain from the one before.
+                Some(many) if matches!(op, Op::Tick { .. }) => {
+                    prop_assert_eq!(many[0].0, *old);
+                    prop_assert_eq!(many[many.len() - 1].1, *state);
+                    for pair in many.windows(2) {
+                        prop_assert_eq!(
+                            pair[0].1,
+                            pair[1].0,
+                            "broken chain for {}: {:?}",
+                            id,
+                            many
+                        );
+                    }
+                    prop_assert!(many.iter().all(|(from, to)| from != to));
                 }
                 Some(many) => {
                     return Err(TestCaseError::fail(format!(
