@@ -120,6 +120,9 @@ struct Shadow {
     /// The remove steps that disabled each object (held back or made it
     /// removing), oldest first; a step leaves the stack when its removal ends.
     cause: HashMap<ObjectId, Vec<u64>>,
+    /// When each remove step's deadline falls, if it has one: the request
+    /// ends then, whatever happens to its root.
+    deadline_of: HashMap<u64, u64>,
     /// The root object of each remove step, and its cancel deadline.
     serial_root: HashMap<u64, ObjectId>,
 }
@@ -277,6 +280,10 @@ impl Run {
                         let serial = ongoing.unwrap_or(self.step);
                         remove_serial = Some(serial);
                         self.shadow.serial_root.insert(serial, id);
+                        // A new request takes the deadline; a repeat only with force.
+                        if let Some((after, _)) = timeout.filter(|_| ongoing.is_none() || force) {
+                            self.shadow.deadline_of.insert(serial, self.now + after);
+                        }
                     }
                     result.map(drop)
                 }
@@ -337,6 +344,9 @@ impl Run {
         };
         let events = self.model.take_events();
         let effects = self.model.take_effects();
+        if std::env::var_os("MB_TRACE").is_some() {
+            eprintln!("{op:?} -> {outcome:?}\n  events {events:?}\n  effects {effects:?}");
+        }
         if let Err(e) = &outcome {
             prop_assert!(
                 events.is_empty(),
@@ -595,44 +605,96 @@ impl Run {
     /// by another pending removal too: it now belongs to its parent's removal
     /// (or to the driver removal holding the parent back).
     fn follow_transfers(&mut self) {
+        let now = self.now;
         let active: HashSet<u64> = self
             .shadow
             .serial_root
             .iter()
             .filter(|(_, root)| self.model.state(**root).ok() == Some(State::Removing))
+            .filter(|(serial, _)| self.shadow.deadline_of.get(serial).is_none_or(|t| *t > now))
             .map(|(serial, _)| *serial)
             .collect();
         for stack in self.shadow.cause.values_mut() {
             stack.retain(|s| active.contains(s));
         }
-        let orphans: Vec<(ObjectId, u64)> = self
-            .shadow
-            .cause
-            .iter()
-            .filter(|(id, stack)| {
-                stack.is_empty() && self.model.state(**id).ok() == Some(State::Removing)
-            })
-            .filter_map(|(id, _)| {
-                let parent = self.shadow.parent.get(id)?;
-                Some((*id, *self.shadow.cause.get(parent)?.last()?))
-            })
-            .collect();
-        for (id, heir) in orphans {
-            self.shadow.cause.entry(id).or_default().push(heir);
+        // Parents resolve before their children: repeat until nothing moves.
+        loop {
+            let orphans: Vec<(ObjectId, u64)> = self
+                .shadow
+                .cause
+                .iter()
+                .filter(|(id, stack)| {
+                    stack.is_empty() && self.model.state(**id).ok() == Some(State::Removing)
+                })
+                .filter_map(|(id, _)| {
+                    let parent = self.shadow.parent.get(id)?;
+                    Some((*id, *self.shadow.cause.get(parent)?.last()?))
+                })
+                .collect();
+            if orphans.is_empty() {
+                break;
+            }
+            for (id, heir) in orphans {
+                self.shadow.cause.entry(id).or_default().push(heir);
+            }
         }
     }
 }
 
-/// Whether some object in `id`'s subtree carries a failed driver action.
+/// Whether something `id`'s removal waits on carries a failed driver action:
+/// an object in its subtree, or (for a driver) an object bound to it or in
+/// such an object's subtree.
 fn failed_below(model: &Model, id: ObjectId) -> bool {
+    let all = model.list();
     let mut stack = vec![id];
+    let mut seen = HashSet::new();
     while let Some(next) = stack.pop() {
+        if !seen.insert(next) {
+            continue;
+        }
         if model.get(next).is_ok_and(|o| !o.last_error.is_empty()) {
             return true;
         }
         stack.extend(model.children(next).unwrap_or_default());
+        stack.extend(all.iter().filter(|o| o.driver == Some(next)).map(|o| o.id));
     }
     false
+}
+
+/// Runs `ops`, then releases every reference and finishes every exit, and
+/// checks that nothing is left pending without a failed driver action.
+fn run_to_quiescence(ops: &[Op]) -> Result<(), TestCaseError> {
+    let mut run = Run::new();
+    for op in ops {
+        run.apply(op)?;
+    }
+    // Releasing every reference and finishing every exit leaves nothing pending.
+    for r in run.shadow.all_refs.clone() {
+        if run.shadow.live_refs.contains(&r) {
+            run.apply(&Op::Release {
+                reference: run.shadow.all_refs.iter().position(|x| *x == r).unwrap() as u16,
+            })?;
+        }
+    }
+    while let Some(&id) = run.shadow.exiting.first() {
+        let which = run.shadow.exiting.iter().position(|x| *x == id).unwrap() as u16;
+        run.apply(&Op::ExitFinished { which, ok: true })?;
+    }
+    // With nothing held, a removal can only still be pending because a
+    // driver failed to tear down something below it (that object stays
+    // `stopped` with its error and holds its ancestors until an operator
+    // re-enables or forces them): never silently stuck.
+    for info in run.model.list() {
+        if info.state == State::Removing {
+            prop_assert!(
+                failed_below(&run.model, info.id),
+                "{} {} still removing with nothing held and no failed driver action below it",
+                info.kind,
+                info.name
+            );
+        }
+    }
+    Ok(())
 }
 
 proptest! {
@@ -645,33 +707,72 @@ proptest! {
 
     #[test]
     fn random_operation_sequences_keep_every_lifecycle_invariant(ops in prop::collection::vec(op(), 1..80)) {
-        let mut run = Run::new();
-        for op in &ops {
-            run.apply(op)?;
-        }
-        // Releasing every reference and finishing every exit leaves nothing pending.
-        for r in run.shadow.all_refs.clone() {
-            if run.shadow.live_refs.contains(&r) {
-                run.apply(&Op::Release { reference: run.shadow.all_refs.iter().position(|x| *x == r).unwrap() as u16 })?;
-            }
-        }
-        while let Some(&id) = run.shadow.exiting.first() {
-            let which = run.shadow.exiting.iter().position(|x| *x == id).unwrap() as u16;
-            run.apply(&Op::ExitFinished { which, ok: true })?;
-        }
-        // With nothing held, a removal can only still be pending because a
-        // driver failed to tear down something below it (that object stays
-        // `stopped` with its error and holds its ancestors until an operator
-        // re-enables or forces them): never silently stuck.
-        for info in run.model.list() {
-            if info.state == State::Removing {
-                prop_assert!(
-                    failed_below(&run.model, info.id),
-                    "{} {} still removing with nothing held and no failed driver action below it",
-                    info.kind,
-                    info.name
-                );
-            }
-        }
+        run_to_quiescence(&ops)?;
+    }
+}
+
+/// Found by a 300,000-case run: a driver whose removal waited on a bound host.
+#[test]
+fn regression_driver_removal_waiting_on_a_bound_host() {
+    use Op::*;
+    let host = || AddHost {
+        driver: None,
+        luns: 0,
+        exit: 0,
+        udev: false,
+    };
+    let ops = [
+        host(),
+        host(),
+        AddDriver { sim: false },
+        Acquire { object: 0 },
+        AddDriver { sim: true },
+        host(),
+        AddDevice {
+            parent: 44337,
+            udev: false,
+        },
+        AddDevice {
+            parent: 24877,
+            udev: false,
+        },
+        AddHost {
+            driver: Some(10159),
+            luns: 3,
+            exit: 0,
+            udev: false,
+        },
+        AddDevice {
+            parent: 5001,
+            udev: true,
+        },
+        Acquire { object: 0 },
+        AddDevice {
+            parent: 63749,
+            udev: false,
+        },
+        Acquire { object: 9899 },
+        Bind {
+            object: 15455,
+            driver: 2747,
+            luns: 2,
+        },
+        host(),
+        host(),
+        Bind {
+            object: 64374,
+            driver: 12845,
+            luns: 0,
+        },
+        AddDriver { sim: false },
+        Remove {
+            object: 3011,
+            force: false,
+            dry_run: false,
+            timeout: None,
+        },
+    ];
+    if let Err(e) = run_to_quiescence(&ops) {
+        panic!("{e}");
     }
 }
