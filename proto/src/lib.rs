@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 mod dbus_error;
 #[cfg(feature = "dbus")]
 pub use dbus_error::Error;
+#[cfg(feature = "dbus")]
+pub mod proxies;
 
 /// Contract version reported by the manager's `Version` property.
 pub const CONTRACT_VERSION: &str = "1";
