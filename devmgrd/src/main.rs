@@ -2,9 +2,11 @@
 //! as `org.devmgr.DevMgr1` (shared/DESIGN.md §3).
 
 mod bus;
+mod effects;
 mod errors;
 mod handles;
 mod owner;
+mod peers;
 mod pump;
 mod service;
 
@@ -127,8 +129,14 @@ async fn run(args: Args) -> Result<(), String> {
             (conn, "embedded".to_owned())
         }
     };
-    let handles = handles::Handles::default();
-    tokio::spawn(pump::run(conn.clone(), handle.clone(), handles, batches));
+    let shared = service::Shared {
+        handle: handle.clone(),
+        handles: handles::Handles::default(),
+        peers: peers::Peers::start(&conn)
+            .await
+            .map_err(|e| format!("cannot watch the bus's connections: {e}"))?,
+    };
+    tokio::spawn(pump::run(conn.clone(), shared, batches));
     // Publish what the model already holds (the sim-scsi driver).
     handle
         .call(|_| ())

@@ -17,7 +17,7 @@ pub fn now_micros() -> u64 {
 pub type Deliver = Box<dyn FnOnce() + Send>;
 
 /// A command: runs on the model, returns how to deliver its reply.
-type Job = Box<dyn FnOnce(&mut Model) -> Deliver + Send>;
+pub type Job = Box<dyn FnOnce(&mut Model) -> Deliver + Send>;
 
 /// What the owner hands to the event pump after each command.
 pub struct Batch {
@@ -26,7 +26,7 @@ pub struct Batch {
     /// Object count and pending removals after the command.
     pub counts: (u32, u32),
     /// The holders, after the command, of every object whose references changed.
-    pub holders: Vec<(ObjectId, Vec<ReferenceInfo>)>,
+    pub holders: std::collections::HashMap<ObjectId, Vec<ReferenceInfo>>,
     /// The command's reply, to send after the events are published.
     pub deliver: Deliver,
 }
@@ -42,6 +42,11 @@ pub struct ModelHandle {
 pub struct OwnerGone;
 
 impl ModelHandle {
+    /// A handle that sends on an existing command channel.
+    pub fn from_sender(jobs: mpsc::UnboundedSender<Job>) -> Self {
+        ModelHandle { jobs }
+    }
+
     /// Runs `f` on the model and returns its result, after the events it
     /// caused have been published on the bus.
     pub async fn call<R: Send + 'static>(
@@ -65,6 +70,7 @@ impl ModelHandle {
 pub fn spawn(mut model: Model) -> (ModelHandle, mpsc::UnboundedReceiver<Batch>) {
     let (jobs_tx, mut jobs_rx) = mpsc::unbounded_channel::<Job>();
     let (batch_tx, batch_rx) = mpsc::unbounded_channel();
+    let effects = crate::effects::spawn(jobs_tx.downgrade());
     tokio::spawn(async move {
         loop {
             // Sleep until the next command or the next removal deadline
@@ -90,9 +96,10 @@ pub fn spawn(mut model: Model) -> (ModelHandle, mpsc::UnboundedReceiver<Batch>) 
                 }
             };
             let deliver = job(&mut model);
-            // Driver actions (effects) get their executor with real drivers
-            // (issue 5); sim-scsi's synchronous exits need none.
-            model.take_effects();
+            // Driver actions run elsewhere; their completion is a later command.
+            for effect in model.take_effects() {
+                let _ = effects.send(effect);
+            }
             let events = model.take_events();
             let mut touched: Vec<ObjectId> = events
                 .iter()

@@ -12,9 +12,8 @@ use tokio::sync::mpsc;
 use zbus::object_server::{InterfaceRef, SignalEmitter};
 use zbus::{Connection, ObjectServer};
 
-use crate::handles::Handles;
-use crate::owner::{Batch, ModelHandle};
-use crate::service::{path_of, set_state, Manager, ObjectIface};
+use crate::owner::Batch;
+use crate::service::{path_of, set_state, Manager, ObjectIface, Shared};
 
 /// One `Holders` entry.
 pub fn holder_tuple(r: &ReferenceInfo) -> HolderTuple {
@@ -31,23 +30,31 @@ pub fn holder_tuple(r: &ReferenceInfo) -> HolderTuple {
 /// Publishes every batch the owner produces until the owner stops.
 pub async fn run(
     conn: Connection,
-    handle: ModelHandle,
-    handles: Handles,
+    shared: Shared,
     mut batches: mpsc::UnboundedReceiver<Batch>,
 ) {
     let server = conn.object_server();
     while let Some(batch) = batches.recv().await {
+        let mut holders = batch.holders;
         for event in batch.events {
             if let Event::Revoked { reference, .. } = &event {
-                handles.revoke(*reference);
+                shared.handles.revoke(*reference);
             }
-            if let Err(e) = publish(&conn, server, &handle, &handles, event).await {
+            // Holders and RefCount go out where their first change happened,
+            // so a client sees a release before what the release caused.
+            let refs_of = match &event {
+                Event::Acquired { id, .. }
+                | Event::Released { id, .. }
+                | Event::Revoked { id, .. } => holders.remove_entry(id),
+                _ => None,
+            };
+            if let Some((id, list)) = refs_of {
+                if let Err(e) = set_holders(server, id, &list).await {
+                    tracing::warn!("could not publish the holders of {id}: {e}");
+                }
+            }
+            if let Err(e) = publish(&conn, server, &shared, event).await {
                 tracing::warn!("could not publish an event: {e}");
-            }
-        }
-        for (id, holders) in batch.holders {
-            if let Err(e) = set_holders(server, id, &holders).await {
-                tracing::warn!("could not publish the holders of {id}: {e}");
             }
         }
         if let Err(e) = set_counts(server, batch.counts).await {
@@ -64,8 +71,7 @@ async fn object(server: &ObjectServer, id: ObjectId) -> zbus::Result<InterfaceRe
 async fn publish(
     conn: &Connection,
     server: &ObjectServer,
-    handle: &ModelHandle,
-    handles: &Handles,
+    shared: &Shared,
     event: Event,
 ) -> zbus::Result<()> {
     match event {
@@ -74,7 +80,7 @@ async fn publish(
             server
                 .at(
                     path,
-                    ObjectIface::new(handle.clone(), handles.clone(), *info),
+                    ObjectIface::new(shared.clone(), *info),
                 )
                 .await?;
         }
@@ -110,7 +116,7 @@ async fn publish(
             let why = format!("removal of {} is waiting", path_of(Some(waiting_for)));
             ObjectIface::release_requested(iref.signal_emitter(), &why).await?;
         }
-        // Holders and RefCount are published per batch from the owner's snapshot.
+        // Holders and RefCount were published from the owner's snapshot.
         Event::Acquired { .. } | Event::Released { .. } | Event::Revoked { .. } => {}
         Event::Removed { id, kind, name, .. } => {
             let path = path_of(Some(id));

@@ -13,7 +13,7 @@ use drivers::{
 use proto::{HolderTuple, NO_OBJECT_PATH};
 use zbus::message::Header;
 use zbus::object_server::SignalEmitter;
-use zbus::{fdo, interface, Connection, ObjectPath, OwnedFd, OwnedObjectPath, OwnedVariant};
+use zbus::{interface, ObjectPath, OwnedFd, OwnedObjectPath, OwnedVariant};
 
 use crate::errors::{bad_option, from_engine, from_owner};
 use crate::owner::{now_micros, ModelHandle};
@@ -69,6 +69,7 @@ pub struct Manager {
 #[interface(name = "org.devmgr.DevMgr1.Manager", introspection_docs = false)]
 impl Manager {
     /// Adds a driver, host or device.
+    #[zbus(out_args("object"))]
     async fn add(
         &self,
         kind: String,
@@ -104,6 +105,7 @@ impl Manager {
     }
 
     /// The object of this kind with this name.
+    #[zbus(out_args("object"))]
     async fn find_object(
         &self,
         kind: String,
@@ -122,7 +124,7 @@ impl Manager {
     }
 
     /// The daemon's version.
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "const"))]
     fn version(&self) -> String {
         env!("CARGO_PKG_VERSION").to_owned()
     }
@@ -149,6 +151,15 @@ impl Manager {
     ) -> zbus::Result<()>;
 }
 
+/// What every object interface shares: the way to the model's owner, the
+/// handles given out, and the callers' credentials.
+#[derive(Clone)]
+pub struct Shared {
+    pub handle: ModelHandle,
+    pub handles: crate::handles::Handles,
+    pub peers: crate::peers::Peers,
+}
+
 /// What an object's properties show; the pump keeps it current.
 pub struct Cache {
     pub(crate) info: ObjectInfo,
@@ -161,19 +172,17 @@ pub struct Cache {
 /// await): a method holds the interface's lock while it waits for its
 /// reply, and the pump must update the cache meanwhile.
 pub struct ObjectIface {
-    handle: ModelHandle,
-    handles: crate::handles::Handles,
+    shared: Shared,
     id: ObjectId,
     cache: Mutex<Cache>,
 }
 
 impl ObjectIface {
     /// The interface for a newly added object.
-    pub fn new(handle: ModelHandle, handles: crate::handles::Handles, info: ObjectInfo) -> Self {
+    pub fn new(shared: Shared, info: ObjectInfo) -> Self {
         let holders = info.holders.iter().map(crate::pump::holder_tuple).collect();
         ObjectIface {
-            handle,
-            handles,
+            shared,
             id: info.id,
             cache: Mutex::new(Cache { info, holders }),
         }
@@ -189,7 +198,8 @@ impl ObjectIface {
         f: impl FnOnce(&mut drivers::Model, ObjectId) -> drivers::Result<R> + Send + 'static,
     ) -> Result<R, proto::Error> {
         let id = self.id;
-        self.handle
+        self.shared
+            .handle
             .call(move |m| f(m, id))
             .await
             .map_err(from_owner)?
@@ -202,35 +212,26 @@ impl ObjectIface {
     /// Takes a reference, held for as long as any copy of the returned file
     /// descriptor is open. The holder's bus name, uid and pid come from the
     /// bus's credentials for the caller, not from the caller's word.
+    #[zbus(out_args("handle"))]
     async fn acquire(
         &self,
         reason: String,
         options: Options,
         #[zbus(header)] header: Header<'_>,
-        #[zbus(connection)] conn: &Connection,
     ) -> Result<OwnedFd, proto::Error> {
         no_options(&options)?;
         let sender = header
             .sender()
-            .ok_or_else(|| proto::Error::AccessDenied("the call has no sender".into()))?
-            .to_owned();
-        let credentials = fdo::DBusProxy::new(conn)
-            .await?
-            .get_connection_credentials(sender.clone().into())
-            .await
-            .map_err(|e| proto::Error::AccessDenied(format!("cannot identify the caller: {e}")))?;
-        let holder = std::sync::Arc::new(drivers::Holder {
-            key: 0,
-            bus_name: sender.to_string(),
-            uid: credentials.unix_user_id().unwrap_or(u32::MAX),
-            pid: credentials.process_id().unwrap_or(0),
-        });
+            .ok_or_else(|| proto::Error::AccessDenied("the call has no sender".into()))?;
+        let holder = self.shared.peers.holder(sender).await?;
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()
             .map_err(|e| proto::Error::QuotaExceeded(format!("cannot make a handle: {e}")))?;
         let reference = self
             .run(move |m, id| m.acquire(id, holder, reason, now_micros()))
             .await?;
-        self.handles.watch(self.handle.clone(), reference, ours);
+        self.shared
+            .handles
+            .watch(self.shared.handle.clone(), reference, ours);
         Ok(OwnedFd::from(std::os::fd::OwnedFd::from(theirs)))
     }
 
