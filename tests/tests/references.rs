@@ -1,0 +1,159 @@
+//! fd-held references end to end: a reference lives while any copy of its
+//! handle is open, dies with its holder (even SIGKILLed), and force or a
+//! revoke deadline closes the holder's handle. How fast a release lands is
+//! printed here and measured by the benchmarks, never asserted (the machines
+//! are shared and noisy).
+
+use std::io::Read;
+use std::process::Stdio;
+use std::time::Duration;
+
+use devmgr_tests::*;
+use zbus::Variant;
+
+/// Reads from a handle until EOF or 5 s; true if the daemon closed its end.
+fn closed_by_daemon(fd: std::os::fd::OwnedFd) -> bool {
+    let mut stream = std::os::unix::net::UnixStream::from(fd);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("read timeout");
+    matches!(stream.read(&mut [0u8; 8]), Ok(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_fd_reference_lives_while_any_copy_is_open() {
+    let bus = TestBus::start();
+    let _daemon = Daemon::start(&bus);
+    let client = Client::connect(&bus.address).await;
+    let host = client.add_host("held").await;
+    let fd = client.acquire(&host).await;
+    assert_eq!(client.ref_count(&host).await, Some(1));
+
+    // Holders come from the bus's credentials: our unique name, uid and pid.
+    let object = client.object(&host).await;
+    let holders = object.holders().await.expect("Holders");
+    let unique = client.conn.unique_name().expect("unique name").to_string();
+    assert_eq!(holders.len(), 1);
+    assert_eq!(holders[0].1, unique);
+    assert_eq!(holders[0].3, std::process::id());
+    assert_eq!(holders[0].4, "testing");
+
+    // A dup keeps the reference when the original closes. Nothing can show
+    // that a release will never come; 200 ms is ample for a wrong one.
+    let dup = fd.try_clone().expect("dup");
+    drop(fd);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        client.ref_count(&host).await,
+        Some(1),
+        "closing one copy released the reference"
+    );
+
+    // Busy: the removal is pending, with the object listed.
+    let (outcome, pending) = client.remove(&host, none()).await.expect("remove");
+    assert_eq!((outcome.as_str(), pending), ("pending", vec![host.clone()]));
+
+    // Closing the last copy releases it and the removal completes.
+    drop(dup);
+    let took = within(Duration::from_secs(5), || async {
+        !client.exists(&host).await
+    })
+    .await;
+    let took = took.expect("the removal did not complete after the last copy closed");
+    eprintln!("release → removal completed in {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_holder_releases_its_reference() {
+    let bus = TestBus::start();
+    let _daemon = Daemon::start(&bus);
+    let client = Client::connect(&bus.address).await;
+    let host = client.add_host("victim").await;
+    // A separate process (python-dbus) holds the reference and then waits.
+    let script = format!(
+        r#"import dbus, sys, time
+bus = dbus.bus.BusConnection("{}")
+obj = bus.get_object("{}", "{}")
+fd = obj.Acquire("python holder", dbus.Dictionary({{}}, signature="sv"), dbus_interface="{}")
+print("held", flush=True)
+time.sleep(60)
+"#,
+        bus.address,
+        proto::BUS_NAME,
+        host.as_str(),
+        OBJECT
+    );
+    let mut holder = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", &script])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 with dbus-python (package python3-dbus)");
+    let acquired = within(Duration::from_secs(10), || async {
+        client.ref_count(&host).await == Some(1)
+    })
+    .await;
+    assert!(acquired.is_some(), "the python holder never acquired");
+    let holders = client.object(&host).await.holders().await.expect("Holders");
+    assert_eq!(holders[0].3, holder.id(), "the holder's pid, from the bus");
+    assert_eq!(holders[0].4, "python holder");
+    let (outcome, _) = client.remove(&host, none()).await.expect("remove");
+    assert_eq!(outcome, "pending");
+
+    holder.kill().expect("SIGKILL the holder");
+    let _ = holder.wait();
+    let took = within(Duration::from_secs(5), || async {
+        !client.exists(&host).await
+    })
+    .await;
+    let took = took.expect("the killed holder's reference was not released");
+    eprintln!("SIGKILL → removal completed in {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn force_and_a_revoke_deadline_close_the_holders_handle() {
+    let bus = TestBus::start();
+    let _daemon = Daemon::start(&bus);
+    let client = Client::connect(&bus.address).await;
+
+    // Force: the removal completes at once and the holder reads EOF.
+    let host = client.add_host("forced").await;
+    let fd = client.acquire(&host).await;
+    let force = options(&[("force", Variant::from(true))]);
+    let (outcome, _) = client.remove(&host, force).await.expect("force remove");
+    assert_eq!(outcome, "removed");
+    assert!(closed_by_daemon(fd), "the revoked handle is not at EOF");
+
+    // A deadline with on-timeout=revoke: pending first, gone after 1 s.
+    let host = client.add_host("deadline").await;
+    let fd = client.acquire(&host).await;
+    let revoke = options(&[
+        ("timeout-sec", Variant::from(1u32)),
+        ("on-timeout", Variant::from("revoke")),
+    ]);
+    let (outcome, _) = client.remove(&host, revoke).await.expect("remove");
+    assert_eq!(outcome, "pending");
+    assert!(
+        closed_by_daemon(fd),
+        "the deadline never revoked the handle"
+    );
+    let gone = within(Duration::from_secs(5), || async {
+        !client.exists(&host).await
+    })
+    .await;
+    assert!(gone.is_some(), "the deadline never completed the removal");
+
+    // A deadline with on-timeout=cancel: back to live, reference kept.
+    let host = client.add_host("cancelled").await;
+    let _fd = client.acquire(&host).await;
+    let cancel = options(&[
+        ("timeout-sec", Variant::from(1u32)),
+        ("on-timeout", Variant::from("cancel")),
+    ]);
+    client.remove(&host, cancel).await.expect("remove");
+    let live = within(Duration::from_secs(5), || async {
+        client.state(&host).await.as_deref() == Some("live")
+    })
+    .await;
+    assert!(live.is_some(), "the cancel deadline never brought it back");
+    assert_eq!(client.ref_count(&host).await, Some(1));
+}
