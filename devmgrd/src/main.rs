@@ -31,7 +31,7 @@ struct Args {
     runtime_dir: Option<std::path::PathBuf>,
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -6,11 +6,14 @@
 
 use drivers::{Event, ObjectId, ReferenceInfo};
 use proto::HolderTuple;
+use std::borrow::Cow;
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
 use tokio::sync::mpsc;
+use zbus::names::InterfaceName;
 use zbus::object_server::{InterfaceRef, SignalEmitter};
-use zbus::{Connection, ObjectServer};
+use zbus::{Connection, ObjectServer, Variant};
 
 use crate::owner::Batch;
 use crate::service::{path_of, set_state, Manager, ObjectIface, Shared};
@@ -27,40 +30,73 @@ pub fn holder_tuple(r: &ReferenceInfo) -> HolderTuple {
     )
 }
 
+/// Most batches published as one group: bounds how long the first reply
+/// of a group waits for the others' signals.
+const MAX_GROUP: usize = 256;
+
 /// Publishes every batch the owner produces until the owner stops.
-pub async fn run(
-    conn: Connection,
-    shared: Shared,
-    mut batches: mpsc::UnboundedReceiver<Batch>,
-) {
+///
+/// When the pump falls behind (a flood of calls, or a bus slow to read),
+/// it takes every batch already queued as one group: events still go out
+/// one by one in order, but each object's `Holders`/`RefCount` goes out
+/// once per group, with its latest value, and not at all if that equals
+/// what clients last saw — as systemd coalesces property changes per
+/// event-loop turn. Every reply still follows the signals its call caused.
+/// A sequential client (no backlog) sees every change.
+pub async fn run(conn: Connection, shared: Shared, mut batches: mpsc::UnboundedReceiver<Batch>) {
     let server = conn.object_server();
-    while let Some(batch) = batches.recv().await {
-        let mut holders = batch.holders;
-        for event in batch.events {
-            if let Event::Revoked { reference, .. } = &event {
-                shared.handles.revoke(*reference);
+    let mut published_counts = (0, 0);
+    let mut group = Vec::new();
+    while let Some(first) = batches.recv().await {
+        group.push(first);
+        while group.len() < MAX_GROUP {
+            match batches.try_recv() {
+                Ok(batch) => group.push(batch),
+                Err(_) => break,
             }
-            // Holders and RefCount go out where their first change happened,
-            // so a client sees a release before what the release caused.
-            let refs_of = match &event {
-                Event::Acquired { id, .. }
-                | Event::Released { id, .. }
-                | Event::Revoked { id, .. } => holders.remove_entry(id),
-                _ => None,
-            };
-            if let Some((id, list)) = refs_of {
-                if let Err(e) = set_holders(server, id, &list).await {
-                    tracing::warn!("could not publish the holders of {id}: {e}");
+        }
+        // The latest holders of every object whose references changed.
+        let mut holders = HashMap::new();
+        for batch in &mut group {
+            holders.extend(batch.holders.drain());
+        }
+        let mut counts = published_counts;
+        let mut replies = Vec::with_capacity(group.len());
+        for batch in group.drain(..) {
+            for event in batch.events {
+                if let Event::Revoked { reference, .. } = &event {
+                    shared.handles.revoke(*reference);
+                }
+                // Holders and RefCount go out where their first change
+                // happened, so a client sees a release before what it caused.
+                let refs_of = match &event {
+                    Event::Acquired { id, .. }
+                    | Event::Released { id, .. }
+                    | Event::Revoked { id, .. } => holders.remove_entry(id),
+                    _ => None,
+                };
+                if let Some((id, list)) = refs_of {
+                    if let Err(e) = set_holders(server, id, &list).await {
+                        tracing::warn!("could not publish the holders of {id}: {e}");
+                    }
+                }
+                if let Err(e) = publish(&conn, server, &shared, event).await {
+                    tracing::warn!("could not publish an event: {e}");
                 }
             }
-            if let Err(e) = publish(&conn, server, &shared, event).await {
-                tracing::warn!("could not publish an event: {e}");
+            counts = batch.counts;
+            replies.push(batch.deliver);
+        }
+        // Most commands (reference churn above all) change neither count.
+        if counts != published_counts {
+            if let Err(e) = set_counts(server, counts).await {
+                tracing::warn!("could not publish the manager's counts: {e}");
             }
+            published_counts = counts;
         }
-        if let Err(e) = set_counts(server, batch.counts).await {
-            tracing::warn!("could not publish the manager's counts: {e}");
+        for deliver in replies {
+            deliver();
         }
-        (batch.deliver)();
     }
 }
 
@@ -78,10 +114,7 @@ async fn publish(
         Event::Added(info) => {
             let path = path_of(Some(info.id));
             server
-                .at(
-                    path,
-                    ObjectIface::new(shared.clone(), *info),
-                )
+                .at(path, ObjectIface::new(shared.clone(), *info))
                 .await?;
         }
         Event::StateChanged { id, to, .. } => {
@@ -128,16 +161,36 @@ async fn publish(
     Ok(())
 }
 
+/// Publishes `Holders` and `RefCount` together, in one PropertiesChanged:
+/// they always change together, and reference churn is the busiest traffic
+/// the daemon sends.
 async fn set_holders(
     server: &ObjectServer,
     id: ObjectId,
     holders: &[ReferenceInfo],
 ) -> zbus::Result<()> {
     let iref = object(server, id).await?;
-    let iface = iref.get().await;
-    iface.cache().holders = holders.iter().map(holder_tuple).collect();
-    iface.holders_changed(iref.signal_emitter()).await?;
-    iface.ref_count_changed(iref.signal_emitter()).await
+    let tuples: Vec<HolderTuple> = holders.iter().map(holder_tuple).collect();
+    let count = u32::try_from(tuples.len()).unwrap_or(u32::MAX);
+    {
+        let iface = iref.get().await;
+        let mut cache = iface.cache();
+        if cache.holders == tuples {
+            return Ok(()); // net unchanged within a group: nothing to tell
+        }
+        cache.holders = tuples.clone();
+    }
+    let changed = HashMap::from([
+        ("Holders", Variant::from(tuples)),
+        ("RefCount", Variant::from(count)),
+    ]);
+    zbus::fdo::Properties::properties_changed(
+        iref.signal_emitter(),
+        InterfaceName::from_static_str_unchecked(proto::OBJECT_INTERFACE),
+        changed,
+        Cow::Borrowed(&[]),
+    )
+    .await
 }
 
 async fn set_counts(server: &ObjectServer, (objects, pending): (u32, u32)) -> zbus::Result<()> {
