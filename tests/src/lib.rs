@@ -139,14 +139,18 @@ pub struct TestBus {
 }
 
 /// A bus configuration that lets every local user connect, own any name and
-/// eavesdrop (the tests watch everything).
+/// eavesdrop (the tests watch everything), with session.conf's generous
+/// limits (GetManagedObjects at 100,000 objects is a ~60 MB reply).
 fn bus_config(socket: &Path) -> String {
     format!(
         r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
 <busconfig><type>session</type><listen>unix:path={}</listen><auth>EXTERNAL</auth>
 <policy context="default"><allow send_destination="*" eavesdrop="true"/><allow eavesdrop="true"/>
-<allow own="*"/><allow user="*"/></policy></busconfig>"#,
+<allow own="*"/><allow user="*"/></policy>
+<limit name="max_incoming_bytes">1000000000</limit><limit name="max_outgoing_bytes">1000000000</limit>
+<limit name="max_message_size">1000000000</limit><limit name="max_replies_per_connection">50000</limit>
+</busconfig>"#,
         socket.display()
     )
 }

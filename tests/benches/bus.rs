@@ -1,0 +1,305 @@
+//! Bus-level benchmarks of the real devmgrd on a private dbus-daemon
+//! (issue 3): Acquire+Release against a no-op Peer.Ping on the same
+//! connection, Add+Remove latency with 10,000 pending removals and an
+//! Acquire/Release flood against the idle daemon, and GetManagedObjects at
+//! 1,000 and 100,000 objects. Prints a table; docs/benchmarks.md keeps the
+//! numbers. Run: `cargo bench -p devmgr-tests --bench bus [-- SECTION...]`
+//! with SECTION one of `ping`, `interference`, `managed` (default: all).
+
+use std::time::{Duration, Instant};
+
+use devmgr_tests::*;
+use zbus::{OwnedObjectPath, Variant};
+
+/// Latency samples of one measurement.
+struct Samples(Vec<Duration>);
+
+impl Samples {
+    fn percentile(&mut self, p: f64) -> Duration {
+        self.0.sort_unstable();
+        let at = ((self.0.len() as f64 - 1.0) * p).round() as usize;
+        self.0[at]
+    }
+
+    fn mean(&self) -> Duration {
+        self.0.iter().sum::<Duration>() / u32::try_from(self.0.len()).unwrap_or(u32::MAX)
+    }
+
+    fn row(&mut self, what: &str) -> (Duration, Duration) {
+        let (p50, p99) = (self.percentile(0.50), self.percentile(0.99));
+        println!(
+            "{what:<52} n={:<6} mean {:>9.1?}  p50 {:>9.1?}  p99 {:>9.1?}",
+            self.0.len(),
+            self.mean(),
+            p50,
+            p99
+        );
+        (p50, p99)
+    }
+}
+
+async fn ping(c: &Client) {
+    c.conn
+        .call_method(
+            Some(proto::BUS_NAME),
+            proto::MANAGER_PATH,
+            Some("org.freedesktop.DBus.Peer"),
+            "Ping",
+            &(),
+        )
+        .await
+        .expect("Ping");
+}
+
+/// Acquire+Release vs Peer.Ping on one connection (target ≤ 1.3×).
+async fn ping_vs_acquire(bus: &TestBus) {
+    const N: usize = 20_000;
+    let c = Client::connect(&bus.address).await;
+    let host = c.add_host("pinged").await;
+    let object = c.object(&host).await;
+    for _ in 0..2_000 {
+        ping(&c).await;
+        drop(object.acquire("warm-up", none()).await.expect("acquire"));
+    }
+    // Interleaved rounds, so drift on a shared machine hits both alike.
+    let mut pings = Samples(Vec::with_capacity(N));
+    let mut refs = Samples(Vec::with_capacity(N));
+    for _ in 0..N / 1_000 {
+        for _ in 0..1_000 {
+            let t = Instant::now();
+            ping(&c).await;
+            pings.0.push(t.elapsed());
+        }
+        for _ in 0..1_000 {
+            let t = Instant::now();
+            let fd = object.acquire("bench", none()).await.expect("acquire");
+            drop(fd);
+            refs.0.push(t.elapsed());
+        }
+    }
+    // Every release is processed by the time RefCount reads 0.
+    let settled = Instant::now();
+    while c.ref_count(&host).await != Some(0) {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    println!("-- Acquire+Release vs Peer.Ping, one connection, {N} each");
+    let (ping50, ping99) = pings.row("Peer.Ping round trip");
+    let (acq50, acq99) = refs.row("Acquire round trip + close of the fd");
+    println!(
+        "ratio p50 {:.2}x  p99 {:.2}x  mean {:.2}x   (releases settled {:?} after the last)",
+        acq50.as_secs_f64() / ping50.as_secs_f64(),
+        acq99.as_secs_f64() / ping99.as_secs_f64(),
+        refs.mean().as_secs_f64() / pings.mean().as_secs_f64(),
+        settled.elapsed()
+    );
+}
+
+/// One Add+Remove of an unrelated host, timed.
+async fn add_remove(c: &Client, i: usize) -> Duration {
+    let t = Instant::now();
+    let host = c.add_host(&format!("probe{i}")).await;
+    let (outcome, _) = c.remove(&host, none()).await.expect("remove");
+    let took = t.elapsed();
+    assert_eq!(outcome, "removed");
+    took
+}
+
+async fn add_remove_samples(c: &Client, n: usize, offset: usize) -> Samples {
+    // Warm up (caches, allocator, CPU frequency) before sampling.
+    for i in 0..2_000 {
+        add_remove(c, offset + n + i).await;
+    }
+    let mut s = Samples(Vec::with_capacity(n));
+    for i in 0..n {
+        s.0.push(add_remove(c, offset + i).await);
+    }
+    s
+}
+
+/// Add+Remove p50/p99 with 10,000 pending removals and 8 flooding clients,
+/// against the idle daemon (target ratio ≤ 1.2).
+async fn interference(bus: &TestBus) {
+    const N: usize = 5_000;
+    let measurer = Client::connect(&bus.address).await;
+    let mut idle = add_remove_samples(&measurer, N, 0).await;
+
+    // 10,000 LUNs, each referenced, under a host whose removal is pending.
+    let setup = Client::connect(&bus.address).await;
+    let sim = setup.sim_scsi().await;
+    let big = setup
+        .add(
+            "host",
+            "pending",
+            None,
+            options(&[
+                ("driver", Variant::from(sim.as_ref())),
+                ("luns", Variant::from(10_000u32)),
+            ]),
+        )
+        .await;
+    let mut held = Vec::with_capacity(10_000);
+    for lun in 0..10_000 {
+        let path = setup
+            .manager
+            .find_object(
+                "device",
+                &format!("{}:0:0:{lun}", id_of(&setup, &big).await),
+            )
+            .await
+            .expect("LUN");
+        held.push(setup.acquire(&path).await);
+    }
+    let (outcome, pending) = setup.remove(&big, none()).await.expect("remove");
+    assert_eq!((outcome.as_str(), pending.len()), ("pending", 10_001));
+
+    println!("-- Add+Remove of an unrelated host, {N} samples each");
+    let (idle50, idle99) = idle.row("idle daemon");
+    // 8 clients, each on its own connection and object: first acquiring and
+    // releasing as fast as the daemon answers (closed loop: on 2 shared
+    // cores this saturates the bus, the daemon and the clients alike), then
+    // paced at a fixed rate, a heavy but unsaturated load.
+    for pace in [None, Some(500u32), Some(250)] {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut flooders = Vec::new();
+        for f in 0..8 {
+            let c = Client::connect(&bus.address).await;
+            let host = c.add_host(&format!("flood{f}-{pace:?}")).await;
+            let stop = stop.clone();
+            flooders.push(tokio::spawn(async move {
+                let object = c.object(&host).await;
+                let mut tick = pace.map(|per_second| {
+                    let mut t = tokio::time::interval(Duration::from_secs(1) / per_second);
+                    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    t
+                });
+                let mut cycles = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Some(t) = tick.as_mut() {
+                        t.tick().await;
+                    }
+                    drop(
+                        object
+                            .acquire("flood", none())
+                            .await
+                            .expect("flood acquire"),
+                    );
+                    cycles += 1;
+                }
+                cycles
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let t = Instant::now();
+        let mut loaded =
+            add_remove_samples(&measurer, N, 100_000 * (1 + pace.unwrap_or(0) as usize)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let elapsed = t.elapsed();
+        let mut cycles = 0;
+        for f in flooders {
+            cycles += f.await.expect("flooder");
+        }
+        let rate = cycles as f64 / elapsed.as_secs_f64();
+        let label = match pace {
+            None => "10k pending + 8 clients flooding, closed loop".to_owned(),
+            Some(p) => format!("10k pending + 8 clients flooding at {p}/s each"),
+        };
+        let (load50, load99) = loaded.row(&label);
+        println!(
+            "ratio p50 {:.2}x  p99 {:.2}x   (flood: {rate:.0} Acquire+Release/s in all)",
+            load50.as_secs_f64() / idle50.as_secs_f64(),
+            load99.as_secs_f64() / idle99.as_secs_f64(),
+        );
+    }
+    // The same 10k pending removals without the flood: what pending
+    // removals alone cost (rule 12).
+    let mut pending_only = add_remove_samples(&measurer, N, 200_000).await;
+    let (p50, p99) = pending_only.row("10k pending removals, no flood");
+    println!(
+        "ratio p50 {:.2}x  p99 {:.2}x",
+        p50.as_secs_f64() / idle50.as_secs_f64(),
+        p99.as_secs_f64() / idle99.as_secs_f64(),
+    );
+    drop(held);
+}
+
+async fn id_of(c: &Client, path: &OwnedObjectPath) -> u64 {
+    c.object(path).await.id().await.expect("Id")
+}
+
+/// GetManagedObjects at 1,000 and 100,000 objects: time and reply size.
+async fn managed_objects(bus: &TestBus) {
+    let c = Client::connect(&bus.address).await;
+    let sim = c.sim_scsi().await;
+    println!("-- GetManagedObjects");
+    let mut total = 1u32; // the sim-scsi driver
+    for (i, target) in [1_000u32, 100_000].into_iter().enumerate() {
+        let luns = target - total - 1;
+        let t = Instant::now();
+        c.add(
+            "host",
+            &format!("managed{i}"),
+            None,
+            options(&[
+                ("driver", Variant::from(sim.as_ref())),
+                ("luns", Variant::from(luns)),
+            ]),
+        )
+        .await;
+        let added = t.elapsed();
+        total += luns + 1;
+        assert_eq!(c.manager.object_count().await.expect("count"), total);
+        let mut times = Samples(Vec::new());
+        let mut bytes = 0;
+        for _ in 0..5 {
+            let t = Instant::now();
+            let reply = c
+                .conn
+                .call_method(
+                    Some(proto::BUS_NAME),
+                    proto::MANAGER_PATH,
+                    Some("org.freedesktop.DBus.ObjectManager"),
+                    "GetManagedObjects",
+                    &(),
+                )
+                .await
+                .expect("GetManagedObjects");
+            times.0.push(t.elapsed());
+            bytes = reply.data().len();
+        }
+        times.row(&format!(
+            "{total} objects ({bytes} bytes, {} B/object)",
+            bytes / total as usize
+        ));
+        println!("   (adding {} LUNs in one call took {added:.1?})", luns);
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let wants = |s: &str| args.is_empty() || args.iter().any(|a| a == s);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        if wants("ping") {
+            let bus = TestBus::start();
+            let _daemon = Daemon::start(&bus);
+            ping_vs_acquire(&bus).await;
+        }
+        if wants("interference") {
+            let bus = TestBus::start();
+            let _daemon = Daemon::start(&bus);
+            interference(&bus).await;
+        }
+        if wants("managed") {
+            let bus = TestBus::start();
+            let _daemon = Daemon::start(&bus);
+            managed_objects(&bus).await;
+        }
+    });
+}
