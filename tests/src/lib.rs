@@ -257,14 +257,16 @@ pub struct Daemon {
 impl Daemon {
     /// Starts devmgrd on `bus` and waits until it owns its name.
     pub fn start(bus: &TestBus) -> Daemon {
-        Daemon::start_with(bus, &[])
+        Daemon::start_wrapped(bus, &["env", "--"])
     }
 
-    /// Same, with extra command-line arguments.
-    pub fn start_with(bus: &TestBus, extra: &[&str]) -> Daemon {
-        let child = Command::new(binary("devmgrd"))
+    /// Same, run through a wrapper command (e.g. `prlimit … --`).
+    pub fn start_wrapped(bus: &TestBus, wrapper: &[&str]) -> Daemon {
+        let (program, wrapper_args) = wrapper.split_first().expect("a wrapper command");
+        let child = Command::new(program)
+            .args(wrapper_args)
+            .arg(binary("devmgrd"))
             .args(["--bus", &bus.address])
-            .args(extra)
             .stderr(Stdio::piped())
             .spawn()
             .expect("start devmgrd");

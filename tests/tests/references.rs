@@ -157,3 +157,22 @@ async fn force_and_a_revoke_deadline_close_the_holders_handle() {
     assert!(live.is_some(), "the cancel deadline never brought it back");
     assert_eq!(client.ref_count(&host).await, Some(1));
 }
+
+/// Every reference is an open socket in the daemon: started with a soft
+/// open-files limit of 1,024 (the usual default under systemd), it raises
+/// it to the hard limit instead of refusing references past a thousand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_references_than_the_default_soft_fd_limit() {
+    let bus = TestBus::start();
+    let daemon = Daemon::start_wrapped(&bus, &["prlimit", "--nofile=1024:16384", "--"]);
+    let client = Client::connect(&bus.address).await;
+    let host = client.add_host("popular").await;
+    let object = client.object(&host).await;
+    let mut fds = Vec::new();
+    for _ in 0..1_500 {
+        fds.push(object.acquire("many", none()).await.expect("acquire"));
+    }
+    assert_eq!(client.ref_count(&host).await, Some(1_500));
+    drop(fds);
+    drop(daemon);
+}
