@@ -8,7 +8,7 @@ use std::time::Duration;
 use drivers::{Effect, ExitAction};
 use tokio::sync::mpsc;
 
-use crate::owner::ModelHandle;
+use crate::owner::WeakModelHandle;
 
 /// How long a simulated SCSI delete takes: long enough that a client sees
 /// the object `removing` while it runs, short enough for demos.
@@ -30,7 +30,7 @@ async fn carry_out(driver: &str, action: &ExitAction) -> Result<(), String> {
 
 /// Starts the executor; the owner sends it every effect its commands produce.
 /// It holds the owner only weakly, so it never keeps a stopping daemon alive.
-pub fn spawn(owner: mpsc::WeakUnboundedSender<crate::owner::Job>) -> mpsc::UnboundedSender<Effect> {
+pub fn spawn(owner: WeakModelHandle) -> mpsc::UnboundedSender<Effect> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Effect>();
     tokio::spawn(async move {
         while let Some(effect) = rx.recv().await {
@@ -46,10 +46,9 @@ pub fn spawn(owner: mpsc::WeakUnboundedSender<crate::owner::Job>) -> mpsc::Unbou
                 if let Err(why) = &result {
                     tracing::warn!("{why}");
                 }
-                let Some(jobs) = owner.upgrade() else {
+                let Some(handle) = owner.upgrade() else {
                     return; // shutting down
                 };
-                let handle = ModelHandle::from_sender(jobs);
                 match handle.call(move |m| m.exit_finished(id, result)).await {
                     Ok(Ok(())) | Err(_) => {}
                     // Gone meanwhile (forced, or the kernel removed it): nothing to finish.

@@ -17,7 +17,7 @@ pub fn now_micros() -> u64 {
 pub type Deliver = Box<dyn FnOnce() + Send>;
 
 /// A command: runs on the model, returns how to deliver its reply.
-pub type Job = Box<dyn FnOnce(&mut Model) -> Deliver + Send>;
+type Job = Box<dyn FnOnce(&mut Model) -> Deliver + Send>;
 
 /// What the owner hands to the event pump after each command.
 pub struct Batch {
@@ -37,14 +37,26 @@ pub struct ModelHandle {
     jobs: mpsc::UnboundedSender<Job>,
 }
 
+/// A [`ModelHandle`] that lets the owner stop once every strong one is gone.
+#[derive(Clone)]
+pub struct WeakModelHandle(mpsc::WeakUnboundedSender<Job>);
+
+impl WeakModelHandle {
+    /// A usable handle, unless the owner is stopping.
+    pub fn upgrade(&self) -> Option<ModelHandle> {
+        self.0.upgrade().map(|jobs| ModelHandle { jobs })
+    }
+}
+
 /// The owner stopped (the daemon is shutting down).
 #[derive(Debug)]
 pub struct OwnerGone;
 
 impl ModelHandle {
-    /// A handle that sends on an existing command channel.
-    pub fn from_sender(jobs: mpsc::UnboundedSender<Job>) -> Self {
-        ModelHandle { jobs }
+    /// A handle that does not keep the owner running (for helpers that
+    /// must not hold up shutdown, such as the effects executor).
+    pub fn downgrade(&self) -> WeakModelHandle {
+        WeakModelHandle(self.jobs.downgrade())
     }
 
     /// Runs `f` on the model and returns its result, after the events it
@@ -70,7 +82,8 @@ impl ModelHandle {
 pub fn spawn(mut model: Model) -> (ModelHandle, mpsc::UnboundedReceiver<Batch>) {
     let (jobs_tx, mut jobs_rx) = mpsc::unbounded_channel::<Job>();
     let (batch_tx, batch_rx) = mpsc::unbounded_channel();
-    let effects = crate::effects::spawn(jobs_tx.downgrade());
+    let handle = ModelHandle { jobs: jobs_tx };
+    let effects = crate::effects::spawn(handle.downgrade());
     tokio::spawn(async move {
         loop {
             // Sleep until the next command or the next removal deadline
@@ -101,7 +114,7 @@ pub fn spawn(mut model: Model) -> (ModelHandle, mpsc::UnboundedReceiver<Batch>) 
                 let _ = effects.send(effect);
             }
             let events = model.take_events();
-            let mut touched: Vec<ObjectId> = events
+            let holders = events
                 .iter()
                 .filter_map(|e| match e {
                     Event::Acquired { id, .. }
@@ -109,11 +122,6 @@ pub fn spawn(mut model: Model) -> (ModelHandle, mpsc::UnboundedReceiver<Batch>) 
                     | Event::Revoked { id, .. } => Some(*id),
                     _ => None,
                 })
-                .collect();
-            touched.sort_unstable();
-            touched.dedup();
-            let holders = touched
-                .into_iter()
                 .filter_map(|id| model.holders(id).ok().map(|h| (id, h)))
                 .collect();
             let batch = Batch {
@@ -130,5 +138,5 @@ pub fn spawn(mut model: Model) -> (ModelHandle, mpsc::UnboundedReceiver<Batch>) 
             }
         }
     });
-    (ModelHandle { jobs: jobs_tx }, batch_rx)
+    (handle, batch_rx)
 }

@@ -50,6 +50,13 @@ fn no_options(options: &Options) -> Result<(), proto::Error> {
     }
 }
 
+fn optional_u32(options: &mut Options, key: &str) -> Result<Option<u32>, proto::Error> {
+    options
+        .remove(key)
+        .map(|v| u32::try_from(&v).map_err(|e| bad_option(key, e)))
+        .transpose()
+}
+
 fn flag(options: &mut Options, key: &str) -> Result<bool, proto::Error> {
     options.remove(key).map_or(Ok(false), |v| {
         bool::try_from(&v).map_err(|e| bad_option(key, e))
@@ -91,9 +98,7 @@ impl Manager {
                 HashMap::<String, String>::try_from(v).map_err(|e| bad_option("attributes", e))?;
             request.attributes = map.into_iter().collect::<BTreeMap<_, _>>();
         }
-        if let Some(v) = options.remove(proto::add_options::LUNS) {
-            request.probe.luns = Some(u32::try_from(&v).map_err(|e| bad_option("luns", e))?);
-        }
+        request.probe.luns = optional_u32(&mut options, proto::add_options::LUNS)?;
         no_options(&options)?;
         let id = self
             .handle
@@ -245,10 +250,7 @@ impl ObjectIface {
         use proto::remove_options as keys;
         let force = flag(&mut options, keys::FORCE)?;
         let dry_run = flag(&mut options, keys::DRY_RUN)?;
-        let timeout = match options.remove(keys::TIMEOUT_SEC) {
-            None => None,
-            Some(v) => Some(u32::try_from(&v).map_err(|e| bad_option(keys::TIMEOUT_SEC, e))?),
-        };
+        let timeout = optional_u32(&mut options, keys::TIMEOUT_SEC)?;
         let on_timeout = match options.remove(keys::ON_TIMEOUT) {
             None => OnTimeout::Revoke,
             Some(v) => <&str>::try_from(&v)
@@ -288,10 +290,7 @@ impl ObjectIface {
         mut options: Options,
     ) -> Result<(), proto::Error> {
         let driver = required(&driver, "driver")?;
-        let luns = match options.remove(proto::add_options::LUNS) {
-            None => None,
-            Some(v) => Some(u32::try_from(&v).map_err(|e| bad_option("luns", e))?),
-        };
+        let luns = optional_u32(&mut options, proto::add_options::LUNS)?;
         no_options(&options)?;
         self.run(move |m, id| m.bind(id, driver, ProbeOptions { luns }))
             .await

@@ -257,15 +257,21 @@ pub struct Daemon {
 impl Daemon {
     /// Starts devmgrd on `bus` and waits until it owns its name.
     pub fn start(bus: &TestBus) -> Daemon {
-        Daemon::start_wrapped(bus, &["env", "--"])
+        Daemon::start_wrapped(bus, &[])
     }
 
-    /// Same, run through a wrapper command (e.g. `prlimit … --`).
+    /// Same, run through a wrapper command (e.g. `prlimit … --`) if any.
     pub fn start_wrapped(bus: &TestBus, wrapper: &[&str]) -> Daemon {
-        let (program, wrapper_args) = wrapper.split_first().expect("a wrapper command");
-        let child = Command::new(program)
-            .args(wrapper_args)
-            .arg(binary("devmgrd"))
+        let devmgrd = binary("devmgrd");
+        let mut command = match wrapper.split_first() {
+            None => Command::new(&devmgrd),
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(&devmgrd);
+                c
+            }
+        };
+        let child = command
             .args(["--bus", &bus.address])
             .stderr(Stdio::piped())
             .spawn()
