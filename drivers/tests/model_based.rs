@@ -12,7 +12,9 @@
 //! - every visible state change emits exactly one event, and nothing else does;
 //! - no reference points to a removed object; every count agrees with a recount.
 //!
-//! 10,000 sequences per run (override with `PROPTEST_CASES`).
+//! 10,000 sequences per run (override with `PROPTEST_CASES`). `MB_TRACE=1`
+//! prints every operation with its events and effects (for replaying a
+//! shrunk case such as the regression tests at the end).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;

@@ -176,3 +176,52 @@ async fn more_references_than_the_default_soft_fd_limit() {
     drop(fds);
     drop(daemon);
 }
+
+/// The pump groups concurrent calls and sends each object's Holders and
+/// RefCount once per group: whatever it skips, the last value a watcher
+/// sees must be the real one, and every reply must follow it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_churn_ends_on_the_true_ref_count() {
+    let bus = TestBus::start();
+    let _daemon = Daemon::start(&bus);
+    let watcher = Client::connect(&bus.address).await;
+    let mut log = SignalLog::new(&watcher.conn).await;
+    let host = watcher.add_host("churn").await;
+    let last_ref_count = |lines: &[String]| {
+        lines
+            .iter()
+            .rev()
+            .find_map(|l| l.strip_prefix("churn.RefCount = "))
+            .map(str::to_owned)
+    };
+    // 8 clients, each taking 100 references as fast as it can.
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let address = bus.address.clone();
+        let host = host.clone();
+        tasks.push(tokio::spawn(async move {
+            let client = Client::connect(&address).await;
+            let mut fds = Vec::new();
+            for _ in 0..100 {
+                fds.push(client.acquire(&host).await);
+            }
+            (client, fds)
+        }));
+    }
+    let mut held = Vec::new();
+    for task in tasks {
+        held.push(task.await.expect("client task"));
+    }
+    // Every Acquire has been answered, so its signal came first; the
+    // watcher's own Get below orders after them on its connection.
+    assert_eq!(watcher.ref_count(&host).await, Some(800));
+    assert_eq!(last_ref_count(&log.drain()).as_deref(), Some("800"));
+
+    drop(held);
+    let released = within(Duration::from_secs(10), || async {
+        watcher.ref_count(&host).await == Some(0)
+    })
+    .await;
+    assert!(released.is_some(), "not every reference was released");
+    assert_eq!(last_ref_count(&log.drain()).as_deref(), Some("0"));
+}
