@@ -229,7 +229,7 @@ impl ObjectIface {
             .sender()
             .ok_or_else(|| proto::Error::AccessDenied("the call has no sender".into()))?;
         let holder = self.shared.peers.holder(sender).await?;
-        let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+        let (theirs, ours) = std::io::pipe()
             .map_err(|e| proto::Error::QuotaExceeded(format!("cannot make a handle: {e}")))?;
         let reference = self
             .run(move |m, id| m.acquire(id, holder, reason, now_micros()))

@@ -617,3 +617,18 @@ impl SignalLog {
         }
     }
 }
+
+/// Reads from a handle until EOF or 5 s; true if the daemon closed its end.
+pub fn handle_closed_by_daemon(fd: std::os::fd::OwnedFd) -> bool {
+    // A handle is a pipe's read end: a blocking read on a thread, waited on
+    // with a deadline (a thread left blocked only outlives a failing test).
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut handle = std::fs::File::from(fd);
+        let _ = tx.send(matches!(
+            std::io::Read::read(&mut handle, &mut [0u8; 8]),
+            Ok(0)
+        ));
+    });
+    rx.recv_timeout(Duration::from_secs(5)).unwrap_or(false)
+}

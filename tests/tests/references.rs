@@ -4,21 +4,11 @@
 //! printed here and measured by the benchmarks, never asserted (the machines
 //! are shared and noisy).
 
-use std::io::Read;
 use std::process::Stdio;
 use std::time::Duration;
 
 use devmgr_tests::*;
 use zbus::Variant;
-
-/// Reads from a handle until EOF or 5 s; true if the daemon closed its end.
-fn closed_by_daemon(fd: std::os::fd::OwnedFd) -> bool {
-    let mut stream = std::os::unix::net::UnixStream::from(fd);
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("read timeout");
-    matches!(stream.read(&mut [0u8; 8]), Ok(0))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_fd_reference_lives_while_any_copy_is_open() {
@@ -121,7 +111,10 @@ async fn force_and_a_revoke_deadline_close_the_holders_handle() {
     let force = options(&[("force", Variant::from(true))]);
     let (outcome, _) = client.remove(&host, force).await.expect("force remove");
     assert_eq!(outcome, "removed");
-    assert!(closed_by_daemon(fd), "the revoked handle is not at EOF");
+    assert!(
+        handle_closed_by_daemon(fd),
+        "the revoked handle is not at EOF"
+    );
 
     // A deadline with on-timeout=revoke: pending first, gone after 1 s.
     let host = client.add_host("deadline").await;
@@ -133,7 +126,7 @@ async fn force_and_a_revoke_deadline_close_the_holders_handle() {
     let (outcome, _) = client.remove(&host, revoke).await.expect("remove");
     assert_eq!(outcome, "pending");
     assert!(
-        closed_by_daemon(fd),
+        handle_closed_by_daemon(fd),
         "the deadline never revoked the handle"
     );
     let gone = within(Duration::from_secs(5), || async {
@@ -158,7 +151,7 @@ async fn force_and_a_revoke_deadline_close_the_holders_handle() {
     assert_eq!(client.ref_count(&host).await, Some(1));
 }
 
-/// Every reference is an open socket in the daemon: started with a soft
+/// Every reference is an open pipe in the daemon: started with a soft
 /// open-files limit of 1,024 (the usual default under systemd), it raises
 /// it to the hard limit instead of refusing references past a thousand.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
