@@ -42,7 +42,14 @@ impl Peers {
                     continue;
                 }
                 let Some(known) = known.upgrade() else { break };
-                lock(&known).remove(args.name().as_str());
+                let mut known = lock(&known);
+                if known.remove(args.name().as_str()).is_some() {
+                    tracing::debug!(
+                        "forgot the credentials of {}, which left the bus ({} callers known)",
+                        args.name(),
+                        known.len()
+                    );
+                }
             }
         });
         Ok(peers)

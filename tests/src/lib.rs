@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, StreamExt};
@@ -252,6 +253,9 @@ pub fn path_in(reply: &str) -> String {
 pub struct Daemon {
     /// The process.
     pub child: Child,
+    /// Its stderr (the log) so far, read as it comes by a thread.
+    log: Arc<Mutex<String>>,
+    log_reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Daemon {
@@ -276,7 +280,7 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start devmgrd");
-        let daemon = Daemon { child };
+        let daemon = Daemon::watch(child);
         wait_for(
             || bus.busctl(&["status", proto::BUS_NAME]).status.success(),
             "devmgrd to own its name",
@@ -293,7 +297,7 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start devmgrd");
-        let daemon = Daemon { child };
+        let daemon = Daemon::watch(child);
         let file = dir.0.join("bus");
         let mut address = String::new();
         wait_for(
@@ -312,16 +316,49 @@ impl Daemon {
         (daemon, address)
     }
 
-    /// Sends SIGTERM and returns the exit status and stderr.
+    /// Starts collecting `child`'s stderr.
+    fn watch(mut child: Child) -> Daemon {
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let sink = log.clone();
+        let log_reader = std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let mut log = sink.lock().unwrap_or_else(|e| e.into_inner());
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        Daemon {
+            child,
+            log,
+            log_reader: Some(log_reader),
+        }
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Waits until its log contains `text`.
+    pub fn wait_for_log(&self, text: &str) {
+        wait_for(
+            || self.log().contains(text),
+            &format!("{text:?} in the log"),
+        );
+    }
+
+    /// Sends SIGTERM and returns the exit status and the whole log.
     pub fn terminate(mut self) -> (std::process::ExitStatus, String) {
         let pid = self.child.id().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let child = std::mem::replace(&mut self.child, Command::new("true").spawn().expect("true"));
-        let out = child.wait_with_output().expect("wait for devmgrd");
-        (
-            out.status,
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        let status = self.child.wait().expect("wait for devmgrd");
+        if let Some(reader) = self.log_reader.take() {
+            let _ = reader.join();
+        }
+        (status, self.log())
     }
 }
 

@@ -170,6 +170,32 @@ async fn more_references_than_the_default_soft_fd_limit() {
     drop(daemon);
 }
 
+/// The daemon asks the bus for a caller's credentials once per connection
+/// and must forget them when the connection leaves, or every client that
+/// ever held a reference would stay in memory. Nothing on the bus shows the
+/// cache, so the test reads the daemon's debug log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_departed_callers_credentials_are_forgotten() {
+    let bus = TestBus::start();
+    let daemon = Daemon::start_wrapped(&bus, &["env", "RUST_LOG=devmgrd=debug"]);
+    let setup = Client::connect(&bus.address).await;
+    let host = setup.add_host("visited").await;
+    let mut names = Vec::new();
+    for _ in 0..3 {
+        let visitor = Client::connect(&bus.address).await;
+        drop(visitor.acquire(&host).await);
+        names.push(visitor.conn.unique_name().expect("unique name").to_string());
+        // Dropping the last handle on the connection closes it.
+    }
+    for name in &names {
+        daemon.wait_for_log(&format!("forgot the credentials of {name},"));
+    }
+    daemon.wait_for_log("(0 callers known)");
+    // The setup client never acquired, so it was never looked up.
+    let setup_name = setup.conn.unique_name().expect("unique name").to_string();
+    assert!(!daemon.log().contains(&format!("of {setup_name},")));
+}
+
 /// The pump groups concurrent calls and sends each object's Holders and
 /// RefCount once per group: whatever it skips, the last value a watcher
 /// sees must be the real one, and every reply must follow it.
