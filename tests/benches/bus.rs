@@ -116,6 +116,17 @@ async fn add_remove_samples(c: &Client, n: usize, offset: usize) -> Samples {
     s
 }
 
+/// What the flooding clients call.
+#[derive(Clone, Copy)]
+enum Flood {
+    /// `Acquire` on their own object, then close the fd.
+    Acquire,
+    /// `Peer.Ping` to devmgrd: a round trip the daemon does nothing for.
+    Ping,
+    /// The bus's own `GetId`: a round trip devmgrd never sees.
+    BusGetId,
+}
+
 /// Add+Remove p50/p99 with 10,000 pending removals and 8 flooding clients,
 /// against the idle daemon (target ratio ≤ 1.2).
 async fn interference(bus: &TestBus) {
@@ -157,13 +168,23 @@ async fn interference(bus: &TestBus) {
     // 8 clients, each on its own connection and object: first acquiring and
     // releasing as fast as the daemon answers (closed loop: on 2 shared
     // cores this saturates the bus, the daemon and the clients alike), then
-    // paced at a fixed rate, a heavy but unsaturated load.
-    for pace in [None, Some(500u32), Some(250)] {
+    // paced at a fixed rate, a heavy but unsaturated load. Two controls
+    // flood in a closed loop with calls that cost the daemon nothing (a
+    // Ping) or never reach it (the bus's own GetId): what a saturating
+    // flood costs any probe on this machine, whatever the daemon does.
+    let floods = [
+        (Flood::Acquire, None),
+        (Flood::Acquire, Some(500u32)),
+        (Flood::Acquire, Some(250)),
+        (Flood::Ping, None),
+        (Flood::BusGetId, None),
+    ];
+    for (n, (flood, pace)) in floods.into_iter().enumerate() {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut flooders = Vec::new();
         for f in 0..8 {
             let c = Client::connect(&bus.address).await;
-            let host = c.add_host(&format!("flood{f}-{pace:?}")).await;
+            let host = c.add_host(&format!("flood{f}-{n}")).await;
             let stop = stop.clone();
             flooders.push(tokio::spawn(async move {
                 let object = c.object(&host).await;
@@ -177,12 +198,27 @@ async fn interference(bus: &TestBus) {
                     if let Some(t) = tick.as_mut() {
                         t.tick().await;
                     }
-                    drop(
-                        object
-                            .acquire("flood", none())
-                            .await
-                            .expect("flood acquire"),
-                    );
+                    match flood {
+                        Flood::Acquire => drop(
+                            object
+                                .acquire("flood", none())
+                                .await
+                                .expect("flood acquire"),
+                        ),
+                        Flood::Ping => ping(&c).await,
+                        Flood::BusGetId => {
+                            c.conn
+                                .call_method(
+                                    Some("org.freedesktop.DBus"),
+                                    "/org/freedesktop/DBus",
+                                    Some("org.freedesktop.DBus"),
+                                    "GetId",
+                                    &(),
+                                )
+                                .await
+                                .expect("GetId");
+                        }
+                    }
                     cycles += 1;
                 }
                 cycles
@@ -190,8 +226,7 @@ async fn interference(bus: &TestBus) {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
         let t = Instant::now();
-        let mut loaded =
-            add_remove_samples(&measurer, N, 100_000 * (1 + pace.unwrap_or(0) as usize)).await;
+        let mut loaded = add_remove_samples(&measurer, N, 100_000 * (1 + n)).await;
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let elapsed = t.elapsed();
         let mut cycles = 0;
@@ -199,20 +234,25 @@ async fn interference(bus: &TestBus) {
             cycles += f.await.expect("flooder");
         }
         let rate = cycles as f64 / elapsed.as_secs_f64();
+        let what = match flood {
+            Flood::Acquire => "Acquire+Release",
+            Flood::Ping => "Peer.Ping to devmgrd",
+            Flood::BusGetId => "GetId to the bus",
+        };
         let label = match pace {
-            None => "10k pending + 8 clients flooding, closed loop".to_owned(),
-            Some(p) => format!("10k pending + 8 clients flooding at {p}/s each"),
+            None => format!("10k pending + 8 × {what}, closed loop"),
+            Some(p) => format!("10k pending + 8 × {what} at {p}/s each"),
         };
         let (load50, load99) = loaded.row(&label);
         println!(
-            "ratio p50 {:.2}x  p99 {:.2}x   (flood: {rate:.0} Acquire+Release/s in all)",
+            "ratio p50 {:.2}x  p99 {:.2}x   (flood: {rate:.0} {what}/s in all)",
             load50.as_secs_f64() / idle50.as_secs_f64(),
             load99.as_secs_f64() / idle99.as_secs_f64(),
         );
     }
     // The same 10k pending removals without the flood: what pending
     // removals alone cost (rule 12).
-    let mut pending_only = add_remove_samples(&measurer, N, 200_000).await;
+    let mut pending_only = add_remove_samples(&measurer, N, 1_000_000).await;
     let (p50, p99) = pending_only.row("10k pending removals, no flood");
     println!(
         "ratio p50 {:.2}x  p99 {:.2}x",
