@@ -4,7 +4,7 @@
 //! and the README look for it (`/run/devmgr/bus` as root, else
 //! `$XDG_RUNTIME_DIR/devmgr/bus`).
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::str::FromStr;
@@ -67,27 +67,7 @@ impl BusChoice {
     }
 }
 
-/// Our uid, without libc: the owner of our own /proc entry.
-pub fn current_uid() -> u32 {
-    std::fs::metadata("/proc/self").map_or(u32::MAX, |m| m.uid())
-}
-
-/// Where the embedded bus and its address file live.
-pub fn runtime_dir() -> PathBuf {
-    let uid = current_uid();
-    if uid == 0 {
-        return PathBuf::from("/run/devmgr");
-    }
-    match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(dir) => PathBuf::from(dir).join("devmgr"),
-        None => std::env::temp_dir().join(format!("devmgr-{uid}")),
-    }
-}
-
-/// The file holding the embedded bus's address.
-pub fn address_file(dir: &Path) -> PathBuf {
-    dir.join("bus")
-}
+pub use proto::runtime::{address_file, runtime_dir};
 
 /// A running embedded bus; stopped (and its files removed) by [`EmbeddedBus::stop`].
 pub struct EmbeddedBus {

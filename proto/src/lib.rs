@@ -16,6 +16,7 @@ mod dbus_error;
 pub use dbus_error::Error;
 #[cfg(feature = "dbus")]
 pub mod proxies;
+pub mod runtime;
 
 /// Contract version reported by the manager's `Version` property.
 pub const CONTRACT_VERSION: &str = "1";
