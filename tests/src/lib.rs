@@ -669,3 +669,22 @@ pub fn handle_closed_by_daemon(fd: std::os::fd::OwnedFd) -> bool {
     });
     rx.recv_timeout(Duration::from_secs(5)).unwrap_or(false)
 }
+
+/// Runs devctl against `bus` (through `$DEVMGR_BUS_ADDRESS`, as a user would).
+pub fn devctl(bus: &TestBus, args: &[&str]) -> Output {
+    devctl_command(bus, args).output().expect("run devctl")
+}
+
+/// A devctl command for `bus`, to spawn in the background.
+pub fn devctl_command(bus: &TestBus, args: &[&str]) -> Command {
+    let mut c = Command::new(binary("devctl"));
+    c.args(args)
+        .env("DEVMGR_BUS_ADDRESS", &bus.address)
+        .env_remove("NO_COLOR");
+    c
+}
+
+/// stdout as text.
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -1,0 +1,312 @@
+//! devctl end to end against the real daemon on a private bus: the human
+//! output (exact, colour-free as it is off a terminal) and the JSON, holding
+//! while a command runs, waiting for removals, monitoring, and exit codes.
+
+use std::io::BufRead;
+use std::process::Stdio;
+use std::time::Duration;
+
+use devmgr_tests::*;
+
+fn ok(bus: &TestBus, args: &[&str]) -> String {
+    let out = devctl(bus, args);
+    assert!(
+        out.status.success(),
+        "devctl {args:?}: {:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout(&out)
+}
+
+fn json(bus: &TestBus, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    serde_json::from_str(&ok(bus, &all)).expect("JSON output")
+}
+
+/// Waits until `obj`'s RefCount is `n` (as devctl shows it).
+fn wait_refs(bus: &TestBus, obj: &str, n: u64) {
+    wait_for(
+        || json(bus, &["show", obj])["ref_count"] == n,
+        &format!("{obj} to have {n} references"),
+    );
+}
+
+#[test]
+fn list_tree_show_and_status_print_what_the_daemon_holds() {
+    let bus = TestBus::start();
+    let _daemon = Daemon::start(&bus);
+    let added = ok(
+        &bus,
+        &[
+            "add",
+            "host",
+            "host0",
+            "--driver",
+            "sim-scsi",
+            "--luns",
+            "2",
+            "--attr",
+            "vendor=ACME",
+        ],
+    );
+    assert_eq!(
+        added,
+        "added host/host0 (id 33554433, /org/devmgr/DevMgr1/objects/33554433)\n"
+    );
+    ok(
+        &bus,
+        &[
+            "add",
+            "device",
+            "extra",
+            "--parent",
+            "host/host0",
+            "--attr",
+            "size=1G",
+        ],
+    );
+    ok(&bus, &["stop", "extra"]);
+
+    assert_eq!(
+        ok(&bus, &["list"]),
+        "\
+ID        KIND    NAME      STATE    DRIVER    PARENT      REFS  ORIGIN
+16777216  driver  sim-scsi  live     -         -           0     api
+33554433  host    host0     live     sim-scsi  -           0     api
+50331650  device  0:0:0:0   live     -         host/host0  0     api
+67108867  device  0:0:0:1   live     -         host/host0  0     api
+83886084  device  extra     stopped  -         host/host0  0     api
+"
+    );
+    assert_eq!(
+        ok(&bus, &["tree"]),
+        "\
+NAME       KIND    STATE    DRIVER    REFS
+sim-scsi   driver  live     -         0
+host0      host    live     sim-scsi  0
+├─0:0:0:0  device  live     -         0
+├─0:0:0:1  device  live     -         0
+└─extra    device  stopped  -         0     [disabled]
+"
+    );
+    let list = json(&bus, &["list"]);
+    assert_eq!(list.as_array().map(Vec::len), Some(5));
+    assert_eq!(list[4]["name"], "extra");
+    assert_eq!(list[4]["state"], "stopped");
+    assert_eq!(list[4]["attributes"]["size"], "1G");
+    let tree = json(&bus, &["tree"]);
+    assert_eq!(tree[1]["name"], "host0");
+    assert_eq!(tree[1]["children"].as_array().map(Vec::len), Some(3));
+
+    // Every OBJ form names the same object.
+    for obj in [
+        "host0",
+        "host/host0",
+        "33554433",
+        "/org/devmgr/DevMgr1/objects/33554433",
+    ] {
+        assert_eq!(json(&bus, &["show", obj])["id"], 33554433u64, "{obj}");
+    }
+    let show = ok(&bus, &["show", "host0"]);
+    assert!(
+        show.contains("Driver      driver/sim-scsi (/org/devmgr/DevMgr1/objects/16777216)"),
+        "{show}"
+    );
+    assert!(show.contains("  vendor=ACME"), "{show}");
+
+    let status = json(&bus, &["status"]);
+    assert_eq!(status["objects"], 5);
+    assert_eq!(status["by_kind"]["device"], 3);
+    assert_eq!(status["by_state"]["stopped"], 1);
+    assert_eq!(status["bus"]["source"], "$DEVMGR_BUS_ADDRESS");
+    assert!(ok(&bus, &["status"]).contains("objects      5 (3 device, 1 driver, 1 host)"));
+}
+
+#[test]
+fn hold_while_a_command_runs_and_remove_waits_for_it() {
+    let bus = TestBus::start();
+    let _daemon = Daemon::start(&bus);
+    ok(
+        &bus,
+        &["add", "host", "held", "--driver", "sim-scsi", "--luns", "1"],
+    );
+    let lun = json(&bus, &["list"])
+        .as_array()
+        .and_then(|l| l.iter().find(|o| o["kind"] == "device").cloned())
+        .expect("a LUN");
+    let lun_name = lun["name"].as_str().expect("name").to_owned();
+    let mut holder = devctl_command(
+        &bus,
+        &["hold", &lun_name, "--reason", "mounted", "--", "sleep", "2"],
+    )
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("devctl hold");
+    wait_refs(&bus, &lun_name, 1);
+
+    // A pending result says exactly who holds what; --wait returns when
+    // the command ends and the removal completes.
+    let out = devctl(&bus, &["remove", "held", "--wait=60"]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.starts_with("host/held: disabled, removal pending; it waits for:\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("device/{lun_name} (removing, 1 reference)")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("(pid {} devctl, uid 0)", holder.id())),
+        "{text}"
+    );
+    assert!(text.contains("\"mounted\""), "{text}");
+    assert!(text.ends_with("removed host/held\n"), "{text}");
+    assert!(holder.wait().expect("hold").success());
+    let left = json(&bus, &["list"]);
+    assert_eq!(left.as_array().map(Vec::len), Some(1), "{left}");
+}
+
+#[test]
+fn remove_wait_on_an_object_held_forever_exits_3_and_leaves_it_removing() {
+    let bus = TestBus::start();
+    let _daemon = Daemon::start(&bus);
+    ok(&bus, &["add", "host", "stuck"]);
+    let mut holder = devctl_command(&bus, &["hold", "stuck"])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("devctl hold");
+    wait_refs(&bus, "stuck", 1);
+    let out = devctl(&bus, &["remove", "stuck", "--wait=1"]);
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("still pending"), "{err}");
+    assert_eq!(json(&bus, &["show", "stuck"])["state"], "removing");
+    let _ = holder.kill();
+    let _ = holder.wait();
+}
+
+#[test]
+fn hold_release_on_request_lets_go_and_the_removal_completes() {
+    let bus = TestBus::start();
+    let _daemon = Daemon::start(&bus);
+    ok(&bus, &["add", "host", "polite"]);
+    let mut holder = devctl_command(
+        &bus,
+        &[
+            "hold",
+            "polite",
+            "--release-on-request",
+            "--",
+            "sleep",
+            "600",
+        ],
+    )
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("devctl hold");
+    wait_refs(&bus, "polite", 1);
+    let out = devctl(&bus, &["remove", "polite", "--wait=60"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    // The command was stopped with SIGTERM: hold exits 128 + 15.
+    assert_eq!(holder.wait().expect("hold").code(), Some(143));
+}
+
+#[test]
+fn monitor_json_sees_add_removing_removed_in_order() {
+    let bus = TestBus::start();
+    let _daemon = Daemon::start(&bus);
+    ok(&bus, &["add", "host", "before"]);
+    let mut monitor = devctl_command(&bus, &["--json", "monitor", "--kind", "host"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("devctl monitor");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let lines = std::io::BufReader::new(monitor.stdout.take().expect("stdout"));
+    std::thread::spawn(move || {
+        for line in lines.lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let next = || -> serde_json::Value {
+        let line = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a monitor line");
+        serde_json::from_str(&line).expect("a JSON line")
+    };
+    let first = next();
+    assert_eq!(
+        (first["event"].as_str(), first["name"].as_str()),
+        (Some("present"), Some("before"))
+    );
+
+    ok(&bus, &["add", "host", "watched"]);
+    let mut holder = devctl_command(&bus, &["hold", "watched"])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("devctl hold");
+    wait_refs(&bus, "watched", 1);
+    ok(&bus, &["remove", "watched"]);
+    let _ = holder.kill();
+    let _ = holder.wait();
+
+    let mut seen = Vec::new();
+    loop {
+        let e = next();
+        assert_eq!(e["name"], "watched", "{e}");
+        let what = match e["event"].as_str() {
+            Some("changed") if e["changed"]["State"].is_string() => {
+                format!("state {}", e["changed"]["State"].as_str().unwrap_or(""))
+            }
+            Some("changed") => continue,
+            Some(other) => other.to_owned(),
+            None => panic!("no event in {e}"),
+        };
+        seen.push(what);
+        if seen.last().map(String::as_str) == Some("removed") {
+            break;
+        }
+    }
+    assert_eq!(
+        seen,
+        ["added", "state removing", "release-requested", "removed"]
+    );
+    let _ = monitor.kill();
+    let _ = monitor.wait();
+}
+
+#[test]
+fn refusals_and_bad_names_get_their_exit_codes() {
+    let bus = TestBus::start();
+    let _daemon = Daemon::start(&bus);
+    ok(&bus, &["add", "host", "twin"]);
+    ok(&bus, &["add", "device", "twin", "--parent", "host/twin"]);
+
+    let out = devctl(&bus, &["show", "nobody"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("org.devmgr.DevMgr1.Error.NotFound"));
+
+    let out = devctl(&bus, &["show", "twin"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an ambiguous name is a usage error"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("host/twin and device/twin"));
+
+    let out = devctl(&bus, &["add", "host", "twin"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("org.devmgr.DevMgr1.Error.NameInUse"));
+
+    ok(&bus, &["stop", "host/twin"]);
+    let out = devctl(&bus, &["hold", "host/twin"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("org.devmgr.DevMgr1.Error.InvalidState"));
+
+    let out = devctl(&bus, &["show", "/org/devmgr/DevMgr1/objects/999"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NotFound"));
+}
