@@ -139,7 +139,7 @@ fn hold_while_a_command_runs_and_remove_waits_for_it() {
     let lun_name = lun["name"].as_str().expect("name").to_owned();
     let mut holder = devctl_command(
         &bus,
-        &["hold", &lun_name, "--reason", "mounted", "--", "sleep", "2"],
+        &["hold", &lun_name, "--reason", "mounted", "--", "sleep", "5"],
     )
     .stderr(Stdio::null())
     .spawn()
