@@ -134,7 +134,11 @@ pub async fn remove(conn: &Connection, args: RemoveArgs, json: bool) -> Outcome 
     }
     let waiting = args.wait.is_some() && !args.dry_run;
     let signals = if waiting {
-        Some(removal_signals(conn).await?)
+        // Ctrl-C is caught from before the call: one pressed while the
+        // report prints must end the wait (exit 3), not kill devctl.
+        let interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+            .map_err(|e| Failure::Failed(format!("cannot catch Ctrl-C: {e}")))?;
+        Some((removal_signals(conn).await?, interrupt))
     } else {
         None
     };
@@ -160,7 +164,8 @@ pub async fn remove(conn: &Connection, args: RemoveArgs, json: bool) -> Outcome 
     let mut result = Ok(());
     if let (Some(signals), "pending") = (signals, outcome.as_str()) {
         let limit = args.wait.flatten().map(Duration::from_secs);
-        let end = wait_for_removal(signals, &path, limit).await?;
+        let (signals, interrupt) = signals;
+        let end = wait_for_removal(signals, interrupt, &path, limit).await?;
         let label = &report.label;
         let (word, outcome) = match end {
             WaitEnd::Removed => ("removed", Ok(())),
@@ -226,6 +231,7 @@ fn print_outcome(report: &RemoveReport) -> Outcome {
 /// limit, or Ctrl-C — whichever comes first. No polling: signals only.
 async fn wait_for_removal(
     mut signals: MessageStream,
+    mut interrupt: tokio::signal::unix::Signal,
     path: &str,
     limit: Option<Duration>,
 ) -> Outcome<WaitEnd> {
@@ -236,12 +242,10 @@ async fn wait_for_removal(
         }
     };
     tokio::pin!(deadline);
-    let interrupted = tokio::signal::ctrl_c();
-    tokio::pin!(interrupted);
     loop {
         tokio::select! {
             _ = &mut deadline => return Ok(WaitEnd::TimedOut),
-            _ = &mut interrupted => return Ok(WaitEnd::Interrupted),
+            _ = interrupt.recv() => return Ok(WaitEnd::Interrupted),
             msg = signals.next() => {
                 let Some(Ok(msg)) = msg else {
                     return Err(Failure::Unreachable("lost the bus while waiting".into()));

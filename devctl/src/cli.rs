@@ -11,7 +11,8 @@ Exit status:
   2   usage error (bad arguments, an ambiguous or unknown object name)
   3   remove --wait timed out or was interrupted; the removal is still pending
   69  devmgrd is unreachable (every bus tried is listed)
-  77  access denied
+  77  access denied (by the daemon or by the bus's policy)
+  141 whoever read the output went away (as after SIGPIPE)
 
 The daemon is found at --address, else $DEVMGR_BUS_ADDRESS, else the embedded
 bus's address file (/run/devmgr/bus as root, $XDG_RUNTIME_DIR/devmgr/bus

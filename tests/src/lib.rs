@@ -142,28 +142,35 @@ pub struct TestBus {
 /// A bus configuration that lets every local user connect, own any name and
 /// eavesdrop (the tests watch everything), with session.conf's generous
 /// limits (GetManagedObjects at 100,000 objects is a ~60 MB reply).
-fn bus_config(socket: &Path) -> String {
+fn bus_config(socket: &Path, extra_policy: &str) -> String {
     format!(
         r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
 <busconfig><type>session</type><listen>unix:path={}</listen><auth>EXTERNAL</auth>
 <policy context="default"><allow send_destination="*" eavesdrop="true"/><allow eavesdrop="true"/>
-<allow own="*"/><allow user="*"/></policy>
+<allow own="*"/><allow user="*"/>{}</policy>
 <limit name="max_incoming_bytes">1000000000</limit><limit name="max_outgoing_bytes">1000000000</limit>
 <limit name="max_message_size">1000000000</limit><limit name="max_replies_per_connection">50000</limit>
 </busconfig>"#,
-        socket.display()
+        socket.display(),
+        extra_policy
     )
 }
 
 impl TestBus {
     /// Starts the bus; panics (never skips) if dbus-daemon is missing.
     pub fn start() -> TestBus {
+        TestBus::start_with_policy("")
+    }
+
+    /// Same, with extra `<policy context="default">` rules (e.g. a `<deny>`
+    /// that makes the bus itself refuse some calls with AccessDenied).
+    pub fn start_with_policy(extra_policy: &str) -> TestBus {
         let dir = TempDir::unique("bus");
         std::fs::create_dir_all(&dir.0).expect("temp dir");
         let socket = dir.0.join("bus.sock");
         let config = dir.0.join("bus.conf");
-        std::fs::write(&config, bus_config(&socket)).expect("bus config");
+        std::fs::write(&config, bus_config(&socket, extra_policy)).expect("bus config");
         let child = match Command::new("dbus-daemon")
             .arg(format!("--config-file={}", config.display()))
             .arg("--nofork")

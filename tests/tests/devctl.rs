@@ -3,7 +3,7 @@
 //! while a command runs, waiting for removals, monitoring, and exit codes.
 
 use std::io::BufRead;
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use devmgr_tests::*;
@@ -309,4 +309,210 @@ fn refusals_and_bad_names_get_their_exit_codes() {
     let out = devctl(&bus, &["show", "/org/devmgr/DevMgr1/objects/999"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("NotFound"));
+}
+
+/// Human output with what varies from run to run masked: ages, pids,
+/// unique bus names and addresses.
+fn masked(text: &str) -> String {
+    let mut out = String::new();
+    for line in text.lines() {
+        let words: Vec<String> = line
+            .split(' ')
+            .map(|w| {
+                if w.starts_with(":1.") {
+                    ":1.N".to_owned()
+                } else if w.starts_with("(unix:path=") {
+                    "(ADDRESS)".to_owned()
+                } else {
+                    w.to_owned()
+                }
+            })
+            .collect();
+        out.push_str(&words.join(" "));
+        out.push('\n');
+    }
+    out
+}
+
+#[test]
+fn show_status_and_actions_print_exactly_this() {
+    let bus = TestBus::start();
+    let _daemon = Daemon::start(&bus);
+    ok(
+        &bus,
+        &[
+            "add",
+            "host",
+            "h",
+            "--attr",
+            "vendor=ACME",
+            "--attr",
+            "model=X1",
+        ],
+    );
+    assert_eq!(ok(&bus, &["stop", "h"]), "host/h: stopped (now stopped)\n");
+    assert_eq!(
+        ok(&bus, &["reenable", "h"]),
+        "host/h: re-enabled (now live)\n"
+    );
+    assert_eq!(
+        ok(&bus, &["bind", "h", "sim-scsi"]),
+        "host/h: bound to driver/sim-scsi (now live)\n"
+    );
+    assert_eq!(ok(&bus, &["unbind", "h"]), "host/h: unbound (now live)\n");
+    assert_eq!(
+        ok(&bus, &["show", "h"]),
+        "\
+Path        /org/devmgr/DevMgr1/objects/33554433
+Id          33554433
+Kind        host
+Name        h
+State       live
+Parent      -
+Driver      -
+RefCount    0
+Origin      api
+Subsystem   -
+SysPath     -
+LastError   -
+Attributes
+  model=X1
+  vendor=ACME
+Holders     -
+"
+    );
+    assert_eq!(
+        masked(&ok(&bus, &["status"])),
+        "\
+daemon       devmgrd 0.1.0
+bus          $DEVMGR_BUS_ADDRESS (ADDRESS)
+objects      2 (1 driver, 1 host)
+states       2 live
+references   0
+pending      0 object(s) removing
+"
+    );
+    assert_eq!(
+        ok(&bus, &["remove", "h", "--dry-run"]),
+        "host/h: would be removed\n"
+    );
+    assert_eq!(ok(&bus, &["remove", "h"]), "host/h: removed\n");
+}
+
+#[test]
+fn remove_deadlines_cancel_or_revoke_and_wait_says_which() {
+    let bus = TestBus::start();
+    let _daemon = Daemon::start(&bus);
+    ok(&bus, &["add", "host", "late"]);
+    let mut holder = devctl_command(&bus, &["hold", "late"])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("devctl hold");
+    wait_refs(&bus, "late", 1);
+    // Cancel: the object comes back, and --wait says so (exit 1).
+    let out = devctl(
+        &bus,
+        &[
+            "remove",
+            "late",
+            "--timeout",
+            "1",
+            "--on-timeout",
+            "cancel",
+            "--wait",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("was cancelled"));
+    assert_eq!(json(&bus, &["show", "late"])["state"], "live");
+    // Revoke: the removal completes, and the holder is told (it exits 1).
+    let out = devctl(
+        &bus,
+        &[
+            "remove",
+            "late",
+            "--timeout",
+            "1",
+            "--on-timeout",
+            "revoke",
+            "--wait",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    assert!(stdout(&out).ends_with("removed host/late\n"));
+    assert_eq!(holder.wait().expect("hold").code(), Some(1));
+}
+
+#[test]
+fn ctrl_c_while_waiting_leaves_the_removal_pending_and_exits_3() {
+    let bus = TestBus::start();
+    let _daemon = Daemon::start(&bus);
+    ok(&bus, &["add", "host", "patient"]);
+    let mut holder = devctl_command(&bus, &["hold", "patient"])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("devctl hold");
+    wait_refs(&bus, "patient", 1);
+    let mut waiter = devctl_command(&bus, &["remove", "patient", "--wait"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("devctl remove --wait");
+    // The pending report is printed before the wait begins.
+    // (The reader stays open until devctl exits: closing it would end
+    // devctl with 141 at its next line, as a closed pipe should.)
+    let mut report = std::io::BufReader::new(waiter.stdout.take().expect("stdout"));
+    let mut first = String::new();
+    report.read_line(&mut first).expect("a line");
+    assert!(first.contains("removal pending"), "{first}");
+    let status = Command::new("kill")
+        .args(["-INT", &waiter.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let out = waiter.wait_with_output().expect("devctl");
+    drop(report);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("still pending"));
+    assert_eq!(json(&bus, &["show", "patient"])["state"], "removing");
+    let _ = holder.kill();
+    let _ = holder.wait();
+}
+
+#[test]
+fn a_call_the_bus_refuses_exits_77() {
+    // The bus's policy forbids Remove: dbus-daemon answers AccessDenied.
+    let bus = TestBus::start_with_policy(
+        r#"<deny send_destination="org.devmgr.DevMgr1" send_interface="org.devmgr.DevMgr1.Object" send_member="Remove"/>"#,
+    );
+    let _daemon = Daemon::start(&bus);
+    ok(&bus, &["add", "host", "guarded"]);
+    let out = devctl(&bus, &["remove", "guarded"]);
+    assert_eq!(out.status.code(), Some(77));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("org.freedesktop.DBus.Error.AccessDenied")
+    );
+    assert_eq!(json(&bus, &["show", "guarded"])["state"], "live");
+}
+
+#[test]
+fn a_reader_that_goes_away_ends_devctl_quietly_with_141() {
+    let bus = TestBus::start();
+    let _daemon = Daemon::start(&bus);
+    let mut monitor = devctl_command(&bus, &["monitor"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("devctl monitor");
+    let mut first = String::new();
+    std::io::BufReader::new(monitor.stdout.take().expect("stdout"))
+        .read_line(&mut first)
+        .expect("a line");
+    assert!(first.contains("driver/sim-scsi"), "{first}");
+    // The reader is gone (like `devctl monitor | head -1`); the next event
+    // ends devctl: no panic, no message, status 141 as after SIGPIPE.
+    ok(&bus, &["add", "host", "unseen"]);
+    let out = monitor.wait_with_output().expect("devctl");
+    assert_eq!(out.status.code(), Some(141));
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
 }
