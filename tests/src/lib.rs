@@ -287,11 +287,23 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start devmgrd");
-        let daemon = Daemon::watch(child);
-        wait_for(
-            || bus.busctl(&["status", proto::BUS_NAME]).status.success(),
-            "devmgrd to own its name",
-        );
+        let mut daemon = Daemon::watch(child);
+        let start = Instant::now();
+        while !bus.busctl(&["status", proto::BUS_NAME]).status.success() {
+            // Say why, rather than time out on a daemon that already died.
+            if let Ok(Some(status)) = daemon.child.try_wait() {
+                panic!(
+                    "devmgrd exited ({status}) before owning its name:\n{}",
+                    daemon.log()
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "devmgrd did not own its name within 30 s; its log:\n{}",
+                daemon.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         daemon
     }
 

@@ -516,3 +516,130 @@ fn a_reader_that_goes_away_ends_devctl_quietly_with_141() {
     assert_eq!(out.status.code(), Some(141));
     assert_eq!(String::from_utf8_lossy(&out.stderr), "");
 }
+
+#[test]
+fn actions_answer_in_json_too() {
+    let bus = TestBus::start();
+    let _daemon = Daemon::start(&bus);
+    let added = json(
+        &bus,
+        &["add", "host", "j", "--driver", "sim-scsi", "--luns", "1"],
+    );
+    assert_eq!(
+        (added["kind"].as_str(), added["name"].as_str()),
+        (Some("host"), Some("j"))
+    );
+    assert_eq!(added["driver"], "/org/devmgr/DevMgr1/objects/16777216");
+    let stopped = json(&bus, &["stop", "j"]);
+    assert_eq!(stopped["state"], "stopped");
+    assert_eq!(json(&bus, &["reenable", "j"])["state"], "live");
+    ok(&bus, &["add", "host", "k"]);
+    let bound = json(&bus, &["bind", "k", "sim-scsi"]);
+    assert_eq!(bound["driver"], "/org/devmgr/DevMgr1/objects/16777216");
+    assert_eq!(
+        json(&bus, &["unbind", "k"])["driver"],
+        serde_json::Value::Null
+    );
+    let mut holder = devctl_command(&bus, &["hold", "j", "--reason", "busy"])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("devctl hold");
+    wait_refs(&bus, "j", 1);
+    let dry = json(&bus, &["remove", "j", "--dry-run"]);
+    assert_eq!(
+        (dry["outcome"].as_str(), dry["dry_run"].as_bool()),
+        (Some("pending"), Some(true))
+    );
+    assert_eq!(
+        json(&bus, &["show", "j"])["state"],
+        "live",
+        "a dry run changes nothing"
+    );
+    let report = json(&bus, &["remove", "j"]);
+    assert_eq!(report["outcome"], "pending");
+    assert_eq!(report["label"], "host/j");
+    let held = report["pending"]
+        .as_array()
+        .and_then(|p| p.iter().find(|o| o["name"] == "j").cloned())
+        .expect("the host among the pending");
+    assert_eq!(held["holders"][0]["reason"], "busy");
+    assert_eq!(held["holders"][0]["pid"], holder.id());
+    assert_eq!(held["holders"][0]["process"], "devctl");
+    let _ = holder.kill();
+    let _ = holder.wait();
+}
+
+#[test]
+fn monitor_prints_one_line_per_event_for_people() {
+    let bus = TestBus::start();
+    let _daemon = Daemon::start(&bus);
+    ok(&bus, &["add", "host", "before"]);
+    let mut monitor = devctl_command(&bus, &["monitor", "--kind", "host"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("devctl monitor");
+    let mut lines = std::io::BufReader::new(monitor.stdout.take().expect("stdout")).lines();
+    // The current state comes first; events follow once it is printed.
+    let present = lines.next().expect("a line").expect("text");
+    assert!(
+        present.ends_with("present   host/before              live refs=0"),
+        "{present:?}"
+    );
+    ok(&bus, &["add", "host", "seen"]);
+    ok(&bus, &["stop", "seen"]);
+    ok(&bus, &["remove", "seen"]);
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let line = lines.next().expect("a line").expect("text");
+        // "HH:MM:SS.mmm event object details": drop the time.
+        let (time, rest) = line.split_once(' ').expect("a timestamp");
+        assert_eq!(time.len(), 12, "{line}");
+        got.push(rest.split_whitespace().collect::<Vec<_>>().join(" "));
+    }
+    assert_eq!(
+        got,
+        [
+            "added host/seen live refs=0",
+            "changed host/seen State=stopped",
+            "removed host/seen",
+        ]
+    );
+    let _ = monitor.kill();
+    let _ = monitor.wait();
+}
+
+#[test]
+fn colour_only_on_a_terminal_and_never_under_no_color() {
+    let bus = TestBus::start();
+    let _daemon = Daemon::start(&bus);
+    // `script` gives devctl a pseudo-terminal for its stdout.
+    let on_a_tty = |no_color: bool| {
+        let mut c = Command::new("script");
+        c.args([
+            "-qec",
+            &format!("{} list", binary("devctl").display()),
+            "/dev/null",
+        ])
+        .env("DEVMGR_BUS_ADDRESS", &bus.address)
+        .env_remove("NO_COLOR")
+        .env_remove("CLICOLOR");
+        if no_color {
+            c.env("NO_COLOR", "1");
+        }
+        let out = c.output().expect("script (package bsdutils)");
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(
+        on_a_tty(false).contains("\u{1b}["),
+        "no colour on a terminal"
+    );
+    assert!(
+        !on_a_tty(true).contains("\u{1b}["),
+        "colour despite NO_COLOR"
+    );
+    assert!(
+        !ok(&bus, &["list"]).contains('\u{1b}'),
+        "colour off a terminal"
+    );
+}
