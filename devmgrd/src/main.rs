@@ -5,10 +5,12 @@ mod bus;
 mod effects;
 mod errors;
 mod handles;
+mod ingest;
 mod owner;
 mod peers;
 mod pump;
 mod service;
+mod uevents;
 
 use std::process::ExitCode;
 
@@ -29,6 +31,20 @@ struct Args {
     /// /run/devmgr as root, else $XDG_RUNTIME_DIR/devmgr).
     #[arg(long)]
     runtime_dir: Option<std::path::PathBuf>,
+    /// Do not model the machine's devices (no udev monitor, no coldplug).
+    #[arg(long)]
+    no_udev: bool,
+    /// Where device events come from: `udev` (processed by systemd-udevd;
+    /// the default when it runs) or `kernel` (raw uevents).
+    #[arg(long, value_name = "SOURCE")]
+    udev_source: Option<uevents::Source>,
+    /// The kernel subsystems to model, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "scsi_host,scsi,block,net"
+    )]
+    subsystems: Vec<String>,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -148,6 +164,17 @@ async fn run(args: Args) -> Result<(), String> {
         .call(|_| ())
         .await
         .map_err(|_| "the model's owner stopped".to_owned())?;
+    if !args.no_udev {
+        let source = args.udev_source.unwrap_or_else(uevents::Source::detect);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        uevents::start(source, &args.subsystems, tx).await?;
+        tokio::spawn(ingest::run(handle.clone(), rx));
+        tracing::info!(
+            "modelling {} from {} events",
+            args.subsystems.join(", "),
+            source.as_str()
+        );
+    }
     tracing::info!("serving {} on the {label} bus", proto::BUS_NAME);
     let lost = tokio::select! {
         () = wait_for_shutdown() => None,

@@ -266,13 +266,24 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts devmgrd on `bus` and waits until it owns its name.
+    /// Starts devmgrd on `bus` and waits until it owns its name. It models
+    /// no real devices (`--no-udev`): tests see only what they add.
     pub fn start(bus: &TestBus) -> Daemon {
         Daemon::start_wrapped(bus, &[])
     }
 
     /// Same, run through a wrapper command (e.g. `prlimit … --`) if any.
     pub fn start_wrapped(bus: &TestBus, wrapper: &[&str]) -> Daemon {
+        Daemon::launch(bus, wrapper, &["--no-udev"])
+    }
+
+    /// Starts devmgrd on `bus` with these arguments (udev ingestion on
+    /// unless they say `--no-udev`).
+    pub fn start_with_args(bus: &TestBus, args: &[&str]) -> Daemon {
+        Daemon::launch(bus, &[], args)
+    }
+
+    fn launch(bus: &TestBus, wrapper: &[&str], args: &[&str]) -> Daemon {
         let devmgrd = binary("devmgrd");
         let mut command = match wrapper.split_first() {
             None => Command::new(&devmgrd),
@@ -284,6 +295,7 @@ impl Daemon {
         };
         let child = command
             .args(["--bus", &bus.address])
+            .args(args)
             .stderr(Stdio::piped())
             .spawn()
             .expect("start devmgrd");
@@ -311,7 +323,7 @@ impl Daemon {
     /// address once it answers there.
     pub fn start_embedded(dir: &TempDir) -> (Daemon, String) {
         let child = Command::new(binary("devmgrd"))
-            .args(["--bus", "embedded", "--runtime-dir"])
+            .args(["--no-udev", "--bus", "embedded", "--runtime-dir"])
             .arg(&dir.0)
             .stderr(Stdio::piped())
             .spawn()

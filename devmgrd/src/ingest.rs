@@ -1,0 +1,122 @@
+//! Keeps the model true to the machine: turns device events into model
+//! commands. A device is known by its sys path; its parent is the nearest
+//! ancestor path already known. `scsi_host` devices become hosts, everything
+//! else devices, named by the kernel's name for them (`loop3`, `eth0`,
+//! `0:0:0:1`). A `remove` is rule 8: idle objects go at once, referenced
+//! ones become `gone` and go when released, and the name is free again.
+//!
+//! Duplicates are expected (coldplug overlaps the first events): an `add`
+//! for a known sys path and a `remove` for an unknown one change nothing.
+
+use std::collections::HashMap;
+
+use drivers::{AddRequest, Kind, ObjectId};
+use tokio::sync::mpsc;
+
+use crate::owner::ModelHandle;
+use crate::uevents::{Action, Ingest, UEvent};
+
+/// The devices the model holds from udev, by sys path.
+#[derive(Default)]
+struct Known {
+    by_sys_path: HashMap<String, ObjectId>,
+}
+
+impl Known {
+    /// The nearest known ancestor of `sys_path`.
+    fn parent_of(&self, sys_path: &str) -> Option<ObjectId> {
+        let mut path = sys_path;
+        while let Some((up, _)) = path.rsplit_once('/') {
+            if let Some(id) = self.by_sys_path.get(up) {
+                return Some(*id);
+            }
+            path = up;
+        }
+        None
+    }
+}
+
+/// Applies events until the reader stops.
+pub async fn run(handle: ModelHandle, mut events: mpsc::UnboundedReceiver<Ingest>) {
+    let mut known = Known::default();
+    while let Some(ingest) = events.recv().await {
+        let batch = match ingest {
+            Ingest::Coldplug(devices) => {
+                tracing::info!("coldplug: {} existing devices", devices.len());
+                devices
+            }
+            Ingest::Event(event) => vec![event],
+        };
+        for event in batch {
+            if apply(&handle, &mut known, event).await.is_err() {
+                return; // the owner is gone: shutting down
+            }
+        }
+    }
+}
+
+/// Applies one event; `Err` only when the model's owner has stopped.
+async fn apply(handle: &ModelHandle, known: &mut Known, event: UEvent) -> Result<(), ()> {
+    tracing::debug!(
+        "uevent {:?} {} (seq {})",
+        event.action,
+        event.sys_path,
+        event.seqnum
+    );
+    match event.action {
+        Action::Add => {
+            if known.by_sys_path.contains_key(&event.sys_path) {
+                return Ok(()); // seen at coldplug, or a repeated add
+            }
+            let kind = if event.subsystem == "scsi_host" {
+                Kind::Host
+            } else {
+                Kind::Device
+            };
+            let mut request = AddRequest::new(kind, event.sys_name.clone());
+            request.parent = known.parent_of(&event.sys_path);
+            request.origin = proto::Origin::Udev;
+            request.subsystem = event.subsystem.clone();
+            request.sys_path = event.sys_path.clone();
+            if let Some(driver) = &event.driver {
+                request
+                    .attributes
+                    .insert("udev.driver".into(), driver.clone());
+            }
+            let added = handle.call(move |m| m.add(request)).await.map_err(|_| ())?;
+            match added {
+                Ok(id) => {
+                    known.by_sys_path.insert(event.sys_path, id);
+                }
+                Err(e) => tracing::warn!(
+                    "not modelling {} ({}): {e}",
+                    event.sys_path,
+                    event.subsystem
+                ),
+            }
+        }
+        Action::Remove => {
+            let Some(id) = known.by_sys_path.remove(&event.sys_path) else {
+                return Ok(());
+            };
+            // The kernel removes children before parents, but a parent's
+            // removal takes any known child with it: forget them too.
+            let prefix = format!("{}/", event.sys_path);
+            known
+                .by_sys_path
+                .retain(|path, _| !path.starts_with(&prefix));
+            let removed = handle
+                .call(move |m| m.kernel_removed(id))
+                .await
+                .map_err(|_| ())?;
+            if let Err(e) = removed {
+                // NotFound: it already went (e.g. with its parent).
+                tracing::debug!("kernel removal of {}: {e}", event.sys_path);
+            }
+        }
+        // Attribute changes, renames and bindings of real devices come with
+        // the next part of udev ingestion (issue 5).
+        _ => {}
+    }
+    Ok(())
+}

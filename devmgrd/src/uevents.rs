@@ -1,0 +1,208 @@
+//! Where the machine's device events come from: a udev monitor (events
+//! processed by systemd-udevd, or the kernel's raw uevents) read on a thread
+//! of its own, and the coldplug enumeration of what already exists. The
+//! monitor is opened *before* the enumeration, so a device that appears in
+//! between is seen twice (and deduplicated by sys path downstream), never
+//! missed. Everything is turned into plain [`UEvent`]s before it leaves
+//! this module: the rest of the daemon never touches libudev.
+
+use std::os::fd::AsFd;
+use std::str::FromStr;
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use tokio::sync::mpsc;
+
+/// Which events to listen to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// Events after systemd-udevd processed them (the default when it runs).
+    Udev,
+    /// The kernel's own uevents (when no udevd runs).
+    Kernel,
+}
+
+impl FromStr for Source {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "udev" => Ok(Source::Udev),
+            "kernel" => Ok(Source::Kernel),
+            other => Err(format!("{other:?} is not a udev source (udev or kernel)")),
+        }
+    }
+}
+
+impl Source {
+    /// udev when systemd-udevd is running (its control socket exists), else kernel.
+    pub fn detect() -> Source {
+        if std::path::Path::new("/run/udev/control").exists() {
+            Source::Udev
+        } else {
+            Source::Kernel
+        }
+    }
+
+    /// How logs name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Udev => "udev",
+            Source::Kernel => "kernel",
+        }
+    }
+}
+
+/// What happened to a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Add,
+    Remove,
+    Change,
+    Move,
+    Bind,
+    Unbind,
+    Other,
+}
+
+/// One device event (or one existing device, at coldplug), decoupled from libudev.
+#[derive(Clone, Debug)]
+pub struct UEvent {
+    pub action: Action,
+    /// The kernel's sequence number (0 for coldplug).
+    pub seqnum: u64,
+    pub sys_path: String,
+    pub subsystem: String,
+    pub sys_name: String,
+    pub driver: Option<String>,
+}
+
+/// What the reader thread hands to the ingestion.
+#[derive(Debug)]
+pub enum Ingest {
+    /// The devices that existed when the monitor started, parents first.
+    Coldplug(Vec<UEvent>),
+    /// One event, in the order the kernel (or udevd) sent it.
+    Event(UEvent),
+}
+
+fn text(s: Option<&std::ffi::OsStr>) -> Option<String> {
+    s.map(|s| s.to_string_lossy().into_owned())
+}
+
+fn from_device(action: Action, seqnum: u64, device: &udev::Device) -> UEvent {
+    UEvent {
+        action,
+        seqnum,
+        sys_path: device.syspath().to_string_lossy().into_owned(),
+        subsystem: text(device.subsystem()).unwrap_or_default(),
+        sys_name: device.sysname().to_string_lossy().into_owned(),
+        driver: text(device.driver()),
+    }
+}
+
+fn action_of(event: &udev::Event) -> Action {
+    match event.event_type() {
+        udev::EventType::Add => Action::Add,
+        udev::EventType::Remove => Action::Remove,
+        udev::EventType::Change => Action::Change,
+        udev::EventType::Bind => Action::Bind,
+        udev::EventType::Unbind => Action::Unbind,
+        // libudev reports `move` (a rename) as unknown; its ACTION says.
+        _ => Action::Other,
+    }
+}
+
+/// Opens the monitor, enumerates what exists, and starts the reader thread.
+/// Errors (no netlink socket, no libudev) come back before anything starts.
+/// libudev's handles may not cross threads, so all of it lives on the reader.
+pub async fn start(
+    source: Source,
+    subsystems: &[String],
+    events: mpsc::UnboundedSender<Ingest>,
+) -> Result<(), String> {
+    let (ready_tx, ready) = tokio::sync::oneshot::channel();
+    let subsystems = subsystems.to_vec();
+    std::thread::Builder::new()
+        .name(format!("uevents-{}", source.as_str()))
+        .spawn(move || {
+            let socket = match open(source, &subsystems, &events) {
+                Ok(socket) => {
+                    let _ = ready_tx.send(Ok(()));
+                    socket
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            read(source, &socket, &events);
+        })
+        .map_err(|e| format!("cannot start the uevent reader: {e}"))?;
+    ready
+        .await
+        .unwrap_or_else(|_| Err("the uevent reader stopped at once".into()))
+}
+
+/// Opens the monitor, then sends what already exists.
+fn open(
+    source: Source,
+    subsystems: &[String],
+    events: &mpsc::UnboundedSender<Ingest>,
+) -> Result<udev::MonitorSocket, String> {
+    let mut builder = match source {
+        Source::Udev => udev::MonitorBuilder::new(),
+        Source::Kernel => udev::MonitorBuilder::new_kernel(),
+    }
+    .map_err(|e| format!("cannot open a {} monitor: {e}", source.as_str()))?;
+    for subsystem in subsystems {
+        builder = builder
+            .match_subsystem(subsystem)
+            .map_err(|e| format!("cannot filter on subsystem {subsystem}: {e}"))?;
+    }
+    let socket = builder
+        .listen()
+        .map_err(|e| format!("cannot listen for {} events: {e}", source.as_str()))?;
+
+    // Monitor first, then the enumeration (see the module's note).
+    let mut enumerator =
+        udev::Enumerator::new().map_err(|e| format!("cannot enumerate devices: {e}"))?;
+    for subsystem in subsystems {
+        enumerator
+            .match_subsystem(subsystem)
+            .map_err(|e| format!("cannot enumerate subsystem {subsystem}: {e}"))?;
+    }
+    let mut existing: Vec<UEvent> = enumerator
+        .scan_devices()
+        .map_err(|e| format!("cannot enumerate devices: {e}"))?
+        .map(|device| from_device(Action::Add, 0, &device))
+        .collect();
+    // Parents before children: a parent's sys path is a prefix of its child's.
+    existing.sort_by(|a, b| a.sys_path.cmp(&b.sys_path));
+    let _ = events.send(Ingest::Coldplug(existing));
+    Ok(socket)
+}
+
+/// Forwards events until the daemon stops listening.
+fn read(source: Source, socket: &udev::MonitorSocket, events: &mpsc::UnboundedSender<Ingest>) {
+    loop {
+        let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                tracing::error!("the {} monitor failed: {e}", source.as_str());
+                return;
+            }
+        }
+        for event in socket.iter() {
+            let mut uevent = from_device(action_of(&event), event.sequence_number(), &event);
+            if uevent.action == Action::Other
+                && event.property_value("ACTION").is_some_and(|a| a == "move")
+            {
+                uevent.action = Action::Move;
+            }
+            if events.send(Ingest::Event(uevent)).is_err() {
+                return; // the daemon is shutting down
+            }
+        }
+    }
+}

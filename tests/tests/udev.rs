@@ -1,0 +1,171 @@
+//! Real devices from real uevents: veth pairs created and deleted in the
+//! kernel appear and disappear on the bus, with the udev source (events
+//! processed by systemd-udevd) and the kernel source (raw uevents); a held
+//! device the kernel deletes is `gone` until released (rule 8); devices that
+//! existed before the daemon are there from the start, once each.
+//!
+//! These need root (to create network devices) and, for the udev source, a
+//! running systemd-udevd (`.ci/run` starts one). They fail, never skip,
+//! when they cannot have them.
+
+use std::process::Command;
+use std::time::Duration;
+
+use devmgr_tests::*;
+use zbus::OwnedObjectPath;
+
+/// A network device pair the test owns, deleted when dropped.
+struct Veth {
+    name: String,
+    peer: String,
+}
+
+impl Veth {
+    /// Creates `<tag><pid>a` / `…b` (interface names have at most 15 bytes).
+    fn create(tag: &str) -> Veth {
+        let base = format!("{tag}{}", std::process::id() % 100_000);
+        let veth = Veth {
+            name: format!("{base}a"),
+            peer: format!("{base}b"),
+        };
+        let out = Command::new("ip")
+            .args([
+                "link", "add", &veth.name, "type", "veth", "peer", "name", &veth.peer,
+            ])
+            .output()
+            .expect("ip (package iproute2)");
+        assert!(
+            out.status.success(),
+            "cannot create a veth pair (these tests need root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        veth
+    }
+
+    fn sys_path(&self) -> String {
+        format!("/sys/devices/virtual/net/{}", self.name)
+    }
+
+    fn delete(&self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.name])
+            .status();
+    }
+}
+
+impl Drop for Veth {
+    fn drop(&mut self) {
+        self.delete();
+    }
+}
+
+fn require_udevd() {
+    assert!(
+        std::path::Path::new("/run/udev/control").exists(),
+        "the udev source needs a running systemd-udevd (package udev; .ci/run starts it)"
+    );
+}
+
+async fn find(client: &Client, name: &str) -> Option<OwnedObjectPath> {
+    client.manager.find_object("device", name).await.ok()
+}
+
+/// Waits (up to 10 s) for `cond`; panics with `what` otherwise.
+async fn eventually<F, Fut>(what: &str, cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    assert!(
+        within(Duration::from_secs(10), cond).await.is_some(),
+        "timed out waiting for {what}"
+    );
+}
+
+async fn veth_comes_and_goes(source: &str, tag: &str) {
+    let bus = TestBus::start();
+    let _daemon = Daemon::start_with_args(&bus, &["--udev-source", source, "--subsystems", "net"]);
+    let client = Client::connect(&bus.address).await;
+    let veth = Veth::create(tag);
+    eventually("the veth pair on the bus", || async {
+        find(&client, &veth.name).await.is_some() && find(&client, &veth.peer).await.is_some()
+    })
+    .await;
+    let path = find(&client, &veth.name).await.expect("the veth");
+    let object = client.object(&path).await;
+    assert_eq!(object.origin().await.expect("Origin"), "udev");
+    assert_eq!(object.subsystem().await.expect("Subsystem"), "net");
+    assert_eq!(object.sys_path().await.expect("SysPath"), veth.sys_path());
+    assert_eq!(object.state().await.expect("State"), "live");
+
+    veth.delete();
+    eventually("the veth pair to leave the bus", || async {
+        find(&client, &veth.name).await.is_none() && find(&client, &veth.peer).await.is_none()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_source_sees_a_veth_pair_come_and_go() {
+    veth_comes_and_goes("kernel", "dmk").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udev_source_sees_a_veth_pair_come_and_go() {
+    require_udevd();
+    veth_comes_and_goes("udev", "dmu").await;
+}
+
+/// Rule 8 with a real device: the kernel deletes it while it is held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_device_the_kernel_deletes_is_gone_until_released() {
+    let bus = TestBus::start();
+    let _daemon =
+        Daemon::start_with_args(&bus, &["--udev-source", "kernel", "--subsystems", "net"]);
+    let client = Client::connect(&bus.address).await;
+    let veth = Veth::create("dmg");
+    eventually("the veth on the bus", || async {
+        find(&client, &veth.name).await.is_some()
+    })
+    .await;
+    let path = find(&client, &veth.name).await.expect("the veth");
+    let fd = client.acquire(&path).await;
+    veth.delete();
+    eventually("the held veth to be gone", || async {
+        client.state(&path).await.as_deref() == Some("gone")
+    })
+    .await;
+    // The name is free at once: a new device of that name is a new object.
+    drop(fd);
+    eventually("the released veth to be removed", || async {
+        !client.exists(&path).await
+    })
+    .await;
+}
+
+/// Coldplug: devices created before the daemon starts are there, once each
+/// (the monitor opens before the enumeration, so the overlap is deduplicated).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_that_existed_before_the_daemon_are_there_once() {
+    let veth = Veth::create("dmc");
+    let bus = TestBus::start();
+    let _daemon =
+        Daemon::start_with_args(&bus, &["--udev-source", "kernel", "--subsystems", "net"]);
+    let client = Client::connect(&bus.address).await;
+    eventually("the pre-existing veth on the bus", || async {
+        find(&client, &veth.name).await.is_some()
+    })
+    .await;
+    let listed = devctl(&bus, &["--json", "list"]);
+    assert!(listed.status.success());
+    let objects: serde_json::Value = serde_json::from_slice(&listed.stdout).expect("JSON");
+    let same: Vec<_> = objects
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter(|o| o["sys_path"] == veth.sys_path())
+        .collect();
+    assert_eq!(same.len(), 1, "{same:?}");
+    // The machine's own loopback interface is modelled too.
+    assert!(find(&client, "lo").await.is_some());
+}
