@@ -10,7 +10,11 @@ use std::os::fd::AsFd;
 use std::str::FromStr;
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{setsockopt, sockopt};
 use tokio::sync::mpsc;
+
+/// The monitor socket's receive buffer, as systemd-udevd sets it.
+const RECEIVE_BUFFER: usize = 128 * 1024 * 1024;
 
 /// Which events to listen to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -161,6 +165,11 @@ fn open(
     let socket = builder
         .listen()
         .map_err(|e| format!("cannot listen for {} events: {e}", source.as_str()))?;
+    // A burst (thousands of devices at once) must wait in the socket, not
+    // overflow it: udevd's own choice, 128 MiB, past rmem_max as root.
+    if let Err(e) = setsockopt(&socket.as_fd(), sockopt::RcvBufForce, &RECEIVE_BUFFER) {
+        tracing::warn!("cannot enlarge the uevent socket's buffer to 128 MiB: {e}");
+    }
 
     // Monitor first, then the enumeration (see the module's note).
     let mut enumerator =

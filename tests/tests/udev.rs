@@ -1,5 +1,5 @@
-//! Real devices from real uevents: veth pairs created and deleted in the
-//! kernel appear and disappear on the bus, with the udev source (events
+//! Real devices from real uevents: loop devices and veth pairs created and
+//! deleted in the kernel appear and disappear on the bus, with the udev source (events
 //! processed by systemd-udevd) and the kernel source (raw uevents); a held
 //! device the kernel deletes is `gone` until released (rule 8); devices that
 //! existed before the daemon are there from the start, once each.
@@ -59,6 +59,59 @@ impl Drop for Veth {
     }
 }
 
+/// A loop device the test owns (created with LOOP_CTL_ADD through
+/// /dev/loop-control, removed with LOOP_CTL_REMOVE when dropped).
+struct Loop {
+    number: u32,
+}
+
+const LOOP_CTL_ADD: u32 = 0x4C80;
+const LOOP_CTL_REMOVE: u32 = 0x4C81;
+
+fn loop_control(request: u32, number: u32) -> Result<(), String> {
+    // python3 does the ioctl, so the tests need no unsafe code.
+    let out = Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            "import fcntl,os,sys; fd=os.open('/dev/loop-control', os.O_RDWR); \
+             fcntl.ioctl(fd, int(sys.argv[1]), int(sys.argv[2]))",
+            &request.to_string(),
+            &number.to_string(),
+        ])
+        .output()
+        .expect("python3");
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+impl Loop {
+    /// Creates loop device `base + pid % 1000` (numbers far above the usual 0–7).
+    fn create(base: u32) -> Loop {
+        let number = base + std::process::id() % 1000;
+        if let Err(e) = loop_control(LOOP_CTL_ADD, number) {
+            panic!("cannot create loop{number} (these tests need root and /dev/loop-control): {e}");
+        }
+        Loop { number }
+    }
+
+    fn name(&self) -> String {
+        format!("loop{}", self.number)
+    }
+
+    fn delete(&self) {
+        let _ = loop_control(LOOP_CTL_REMOVE, self.number);
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        self.delete();
+    }
+}
+
 fn require_udevd() {
     assert!(
         std::path::Path::new("/run/udev/control").exists(),
@@ -103,6 +156,50 @@ async fn veth_comes_and_goes(source: &str, tag: &str) {
         find(&client, &veth.name).await.is_none() && find(&client, &veth.peer).await.is_none()
     })
     .await;
+}
+
+async fn loop_comes_and_goes(source: &str, base: u32) {
+    let bus = TestBus::start();
+    let _daemon =
+        Daemon::start_with_args(&bus, &["--udev-source", source, "--subsystems", "block"]);
+    let client = Client::connect(&bus.address).await;
+    let device = Loop::create(base);
+    eventually("the loop device on the bus", || async {
+        find(&client, &device.name()).await.is_some()
+    })
+    .await;
+    let path = find(&client, &device.name())
+        .await
+        .expect("the loop device");
+    let object = client.object(&path).await;
+    assert_eq!(object.subsystem().await.expect("Subsystem"), "block");
+    assert_eq!(
+        object.sys_path().await.expect("SysPath"),
+        format!("/sys/devices/virtual/block/{}", device.name())
+    );
+    // Held when the kernel deletes it: gone, then removed on release.
+    let fd = client.acquire(&path).await;
+    device.delete();
+    eventually("the held loop device to be gone", || async {
+        client.state(&path).await.as_deref() == Some("gone")
+    })
+    .await;
+    drop(fd);
+    eventually("the released loop device to be removed", || async {
+        !client.exists(&path).await
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_source_sees_a_loop_device_come_and_go() {
+    loop_comes_and_goes("kernel", 3000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udev_source_sees_a_loop_device_come_and_go() {
+    require_udevd();
+    loop_comes_and_goes("udev", 4000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
