@@ -1,8 +1,11 @@
 //! Keeps the model true to the machine: turns device events into model
 //! commands. A device is known by its sys path; its parent is the nearest
-//! ancestor path already known. `scsi_host` devices become hosts, everything
-//! else devices, named by the kernel's name for them (`loop3`, `eth0`,
-//! `0:0:0:1`). A `remove` is rule 8: idle objects go at once, referenced
+//! ancestor path already known, which gives the SCSI-like tree sysfs has:
+//! host → target → LUN (`H:C:T:L`) → disk → partition. A SCSI host is the
+//! `scsi` device of type `scsi_host` (`…/host0`), the parent of its targets;
+//! its `scsi_host` class device (`…/host0/scsi_host/host0`) is the same
+//! host, not another object. Everything else is a device, named by the
+//! kernel's name for it (`loop3`, `eth0`, `0:0:0:1`, `sda1`). A `remove` is rule 8: idle objects go at once, referenced
 //! ones become `gone` and go when released, and the name is free again.
 //!
 //! Duplicates are expected (coldplug overlaps the first events): an `add`
@@ -68,16 +71,30 @@ async fn apply(handle: &ModelHandle, known: &mut Known, event: UEvent) -> Result
             if known.by_sys_path.contains_key(&event.sys_path) {
                 return Ok(()); // seen at coldplug, or a repeated add
             }
-            let kind = if event.subsystem == "scsi_host" {
-                Kind::Host
-            } else {
-                Kind::Device
-            };
+            if event.subsystem == "scsi_host" {
+                // `<host>/scsi_host/<name>`: the class side of a known host.
+                let host = event
+                    .sys_path
+                    .strip_suffix(&format!("/scsi_host/{}", event.sys_name))
+                    .and_then(|host| known.by_sys_path.get(host).copied());
+                if let Some(id) = host {
+                    known.by_sys_path.insert(event.sys_path, id);
+                    return Ok(());
+                }
+            }
+            let is_host = event.subsystem == "scsi_host"
+                || (event.subsystem == "scsi" && event.devtype.as_deref() == Some("scsi_host"));
+            let kind = if is_host { Kind::Host } else { Kind::Device };
             let mut request = AddRequest::new(kind, event.sys_name.clone());
             request.parent = known.parent_of(&event.sys_path);
             request.origin = proto::Origin::Udev;
             request.subsystem = event.subsystem.clone();
             request.sys_path = event.sys_path.clone();
+            if let Some(devtype) = &event.devtype {
+                request
+                    .attributes
+                    .insert("udev.devtype".into(), devtype.clone());
+            }
             if let Some(driver) = &event.driver {
                 request
                     .attributes
@@ -99,6 +116,10 @@ async fn apply(handle: &ModelHandle, known: &mut Known, event: UEvent) -> Result
             let Some(id) = known.by_sys_path.remove(&event.sys_path) else {
                 return Ok(());
             };
+            if known.by_sys_path.values().any(|other| *other == id) {
+                // The class side of a host went; the host itself stays.
+                return Ok(());
+            }
             // The kernel removes children before parents, but a parent's
             // removal takes any known child with it: forget them too.
             let prefix = format!("{}/", event.sys_path);

@@ -9,6 +9,7 @@ mod ingest;
 mod owner;
 mod peers;
 mod pump;
+mod replay;
 mod service;
 mod uevents;
 
@@ -38,6 +39,11 @@ struct Args {
     /// the default when it runs) or `kernel` (raw uevents).
     #[arg(long, value_name = "SOURCE")]
     udev_source: Option<uevents::Source>,
+    /// Feed the device events recorded in FILE (`udevadm monitor --property`
+    /// output, or the kernel's uevent format) instead of the live ones; a
+    /// FIFO is read as it is written.
+    #[arg(long, value_name = "FILE")]
+    replay: Option<std::path::PathBuf>,
     /// The kernel subsystems to model, comma-separated.
     #[arg(
         long,
@@ -164,7 +170,16 @@ async fn run(args: Args) -> Result<(), String> {
         .call(|_| ())
         .await
         .map_err(|_| "the model's owner stopped".to_owned())?;
-    if !args.no_udev {
+    if let Some(file) = args.replay.clone() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(replay::run(
+            file,
+            args.udev_source,
+            args.subsystems.clone(),
+            tx,
+        ));
+        tokio::spawn(ingest::run(handle.clone(), rx));
+    } else if !args.no_udev {
         let source = args.udev_source.unwrap_or_else(uevents::Source::detect);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         uevents::start(source, &args.subsystems, tx).await?;

@@ -76,6 +76,8 @@ pub struct UEvent {
     pub sys_path: String,
     pub subsystem: String,
     pub sys_name: String,
+    /// The kind within the subsystem (`disk`, `partition`, `scsi_device`…).
+    pub devtype: Option<String>,
     pub driver: Option<String>,
 }
 
@@ -99,6 +101,7 @@ fn from_device(action: Action, seqnum: u64, device: &udev::Device) -> UEvent {
         sys_path: device.syspath().to_string_lossy().into_owned(),
         subsystem: text(device.subsystem()).unwrap_or_default(),
         sys_name: device.sysname().to_string_lossy().into_owned(),
+        devtype: text(device.devtype()),
         driver: text(device.driver()),
     }
 }

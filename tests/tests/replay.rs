@@ -1,0 +1,115 @@
+//! `devmgrd --replay`: a SCSI host with a target, LUNs, disks and
+//! partitions, from a fixture in the kernel's uevent format, fed through a
+//! FIFO so the test can act between events: the tree as sysfs has it, then
+//! a surprise removal of a held LUN (rule 8).
+
+use std::io::Write;
+use std::process::Command;
+
+use devmgr_tests::*;
+
+const HOST: &str = include_str!("../fixtures/scsi-host.uevents");
+const LUN_REMOVED: &str = include_str!("../fixtures/scsi-lun-removed.uevents");
+
+fn ok(bus: &TestBus, args: &[&str]) -> String {
+    let out = devctl(bus, args);
+    assert!(
+        out.status.success(),
+        "devctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout(&out)
+}
+
+fn state(bus: &TestBus, obj: &str) -> Option<String> {
+    let out = devctl(bus, &["--json", "show", obj]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["state"].as_str().map(str::to_owned)
+}
+
+#[test]
+fn a_replayed_scsi_host_builds_its_tree_and_a_held_lun_survives_surprise_removal() {
+    let dir = TempDir::unique("replay");
+    std::fs::create_dir_all(&dir.0).expect("temp dir");
+    let fifo = dir.0.join("events");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo")
+        .success());
+    let bus = TestBus::start();
+    let fifo_arg = fifo.to_string_lossy().into_owned();
+    let daemon = Daemon::start_with_args(&bus, &["--replay", &fifo_arg]);
+    // Opening for writing waits for the daemon to open its end.
+    let mut events = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fifo)
+        .expect("open the FIFO");
+    events.write_all(HOST.as_bytes()).expect("write events");
+    events.flush().expect("flush");
+    wait_for(|| state(&bus, "sdb").is_some(), "the replayed tree");
+    assert_eq!(
+        ok(&bus, &["tree"]),
+        "\
+NAME           KIND    STATE  DRIVER  REFS
+sim-scsi       driver  live   -       0
+host0          host    live   -       0
+└─target0:0:0  device  live   -       0
+  ├─0:0:0:0    device  live   -       0
+  │ └─sda      device  live   -       0
+  │   ├─sda1   device  live   -       0
+  │   └─sda2   device  live   -       0
+  └─0:0:0:1    device  live   -       0
+    └─sdb      device  live   -       0
+"
+    );
+    let sda1: serde_json::Value =
+        serde_json::from_str(&ok(&bus, &["--json", "show", "sda1"])).expect("JSON");
+    assert_eq!(sda1["origin"], "udev");
+    assert_eq!(sda1["subsystem"], "block");
+    assert_eq!(
+        sda1["sys_path"],
+        "/sys/devices/pci0000:00/0000:00:1f.2/ata1/host0/target0:0:0/0:0:0:0/block/sda/sda1"
+    );
+    assert_eq!(sda1["attributes"]["udev.devtype"], "partition");
+
+    // Hold the LUN, then the kernel pulls it: its idle disk goes at once,
+    // the LUN is gone (held), and goes when let go of. A gone object's
+    // name is free at once, so it is followed by its id from here on.
+    let lun: serde_json::Value =
+        serde_json::from_str(&ok(&bus, &["--json", "show", "0:0:0:1"])).expect("JSON");
+    let lun_id = lun["id"].to_string();
+    let mut holder = devctl_command(&bus, &["hold", "0:0:0:1"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("devctl hold");
+    wait_for(
+        || {
+            let out = devctl(&bus, &["--json", "show", "0:0:0:1"]);
+            serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .is_ok_and(|v| v["ref_count"] == 1)
+        },
+        "the hold",
+    );
+    events
+        .write_all(LUN_REMOVED.as_bytes())
+        .expect("write events");
+    events.flush().expect("flush");
+    wait_for(
+        || state(&bus, &lun_id).as_deref() == Some("gone"),
+        "the LUN to be gone",
+    );
+    assert_eq!(state(&bus, "0:0:0:1"), None, "a gone object's name is free");
+    assert_eq!(state(&bus, "sdb"), None, "the idle disk went at once");
+    assert_eq!(state(&bus, "0:0:0:0").as_deref(), Some("live"));
+    let _ = holder.kill();
+    let _ = holder.wait();
+    wait_for(
+        || state(&bus, &lun_id).is_none(),
+        "the released LUN to be removed",
+    );
+
+    // End of the replay: the daemon says how much it replayed.
+    drop(events);
+    daemon.wait_for_log("replayed 14 events");
+}
