@@ -220,7 +220,8 @@ fn print_outcome(report: &RemoveReport) -> Outcome {
         for h in &o.holders {
             outln!("    {}", render::holder_sentence(h));
         }
-        if !o.last_error.is_empty() {
+        // A stale error from an earlier attempt is not news.
+        if !o.last_error.is_empty() && o.state == "stopped" {
             outln!("    its driver action failed: {}", o.last_error);
         }
     }

@@ -22,16 +22,22 @@ use crate::uevents::{Action, Ingest, UEvent};
 /// The devices the model holds from udev, by sys path.
 #[derive(Default)]
 struct Known {
-    by_sys_path: HashMap<String, ObjectId>,
+    by_sys_path: HashMap<String, Entry>,
+}
+
+#[derive(Clone)]
+struct Entry {
+    id: ObjectId,
+    subsystem: String,
 }
 
 impl Known {
     /// The nearest known ancestor of `sys_path`.
-    fn parent_of(&self, sys_path: &str) -> Option<ObjectId> {
+    fn parent_of(&self, sys_path: &str) -> Option<&Entry> {
         let mut path = sys_path;
         while let Some((up, _)) = path.rsplit_once('/') {
-            if let Some(id) = self.by_sys_path.get(up) {
-                return Some(*id);
+            if let Some(entry) = self.by_sys_path.get(up) {
+                return Some(entry);
             }
             path = up;
         }
@@ -76,17 +82,26 @@ async fn apply(handle: &ModelHandle, known: &mut Known, event: UEvent) -> Result
                 let host = event
                     .sys_path
                     .strip_suffix(&format!("/scsi_host/{}", event.sys_name))
-                    .and_then(|host| known.by_sys_path.get(host).copied());
-                if let Some(id) = host {
-                    known.by_sys_path.insert(event.sys_path, id);
+                    .and_then(|host| known.by_sys_path.get(host).cloned());
+                if let Some(host) = host {
+                    known.by_sys_path.insert(event.sys_path, host);
                     return Ok(());
                 }
             }
             let is_host = event.subsystem == "scsi_host"
                 || (event.subsystem == "scsi" && event.devtype.as_deref() == Some("scsi_host"));
             let kind = if is_host { Kind::Host } else { Kind::Device };
+            let parent = known.parent_of(&event.sys_path);
             let mut request = AddRequest::new(kind, event.sys_name.clone());
-            request.parent = known.parent_of(&event.sys_path);
+            request.parent = parent.map(|p| p.id);
+            request.handler = drivers::kernel::handler_for(
+                &event.subsystem,
+                event.devtype.as_deref(),
+                &event.sys_name,
+                parent.map(|p| p.subsystem.as_str()),
+                event.driver.is_some(),
+            )
+            .map(str::to_owned);
             request.origin = proto::Origin::Udev;
             request.subsystem = event.subsystem.clone();
             request.sys_path = event.sys_path.clone();
@@ -103,7 +118,10 @@ async fn apply(handle: &ModelHandle, known: &mut Known, event: UEvent) -> Result
             let added = handle.call(move |m| m.add(request)).await.map_err(|_| ())?;
             match added {
                 Ok(id) => {
-                    known.by_sys_path.insert(event.sys_path, id);
+                    let subsystem = event.subsystem.clone();
+                    known
+                        .by_sys_path
+                        .insert(event.sys_path, Entry { id, subsystem });
                 }
                 Err(e) => tracing::warn!(
                     "not modelling {} ({}): {e}",
@@ -113,10 +131,10 @@ async fn apply(handle: &ModelHandle, known: &mut Known, event: UEvent) -> Result
             }
         }
         Action::Remove => {
-            let Some(id) = known.by_sys_path.remove(&event.sys_path) else {
+            let Some(Entry { id, .. }) = known.by_sys_path.remove(&event.sys_path) else {
                 return Ok(());
             };
-            if known.by_sys_path.values().any(|other| *other == id) {
+            if known.by_sys_path.values().any(|other| other.id == id) {
                 // The class side of a host went; the host itself stays.
                 return Ok(());
             }

@@ -44,6 +44,13 @@ struct Args {
     /// FIFO is read as it is written.
     #[arg(long, value_name = "FILE")]
     replay: Option<std::path::PathBuf>,
+    /// Never act on real devices: removals that need the kernel fail with a
+    /// clear error (the object stays `stopped`, showing it) instead.
+    #[arg(long)]
+    no_actuate: bool,
+    /// Where sysfs is mounted (a fake tree, for tests).
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    sysfs_root: std::path::PathBuf,
     /// The kernel subsystems to model, comma-separated.
     #[arg(
         long,
@@ -115,7 +122,11 @@ async fn run(args: Args) -> Result<(), String> {
     model
         .add(AddRequest::new(Kind::Driver, proto::SIM_SCSI_DRIVER))
         .map_err(|e| format!("cannot create the sim-scsi driver: {e}"))?;
-    let (handle, batches) = owner::spawn(model);
+    let actuation = effects::Actuation {
+        enabled: !args.no_actuate,
+        sysfs_root: args.sysfs_root.clone(),
+    };
+    let (handle, batches) = owner::spawn(model, actuation);
     let runtime_dir = args.runtime_dir.clone().unwrap_or_else(bus::runtime_dir);
     let auto = args.bus == bus::BusChoice::Auto;
     let choice = args.bus.resolve();

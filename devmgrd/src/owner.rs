@@ -79,11 +79,14 @@ impl ModelHandle {
 }
 
 /// Starts the owner task; returns the handle and the stream of batches.
-pub fn spawn(mut model: Model) -> (ModelHandle, mpsc::UnboundedReceiver<Batch>) {
+pub fn spawn(
+    mut model: Model,
+    actuation: crate::effects::Actuation,
+) -> (ModelHandle, mpsc::UnboundedReceiver<Batch>) {
     let (jobs_tx, mut jobs_rx) = mpsc::unbounded_channel::<Job>();
     let (batch_tx, batch_rx) = mpsc::unbounded_channel();
     let handle = ModelHandle { jobs: jobs_tx };
-    let effects = crate::effects::spawn(handle.downgrade());
+    let effects = crate::effects::spawn(handle.downgrade(), actuation);
     tokio::spawn(async move {
         loop {
             // Sleep until the next command or the next removal deadline

@@ -103,10 +103,14 @@ impl Registry {
         Registry { impls: Vec::new() }
     }
 
-    /// The implementations shipped with devmgr (today: `sim-scsi`).
+    /// The implementations shipped with devmgr: `sim-scsi`, and the removals
+    /// of real devices (`crate::kernel`).
     pub fn builtin() -> Self {
         let mut registry = Self::empty();
         registry.register(Box::new(crate::sim_scsi::SimScsi));
+        for removal in crate::kernel::KernelRemoval::all() {
+            registry.register(Box::new(removal));
+        }
         registry
     }
 

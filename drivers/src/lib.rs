@@ -11,6 +11,7 @@ mod driver;
 mod error;
 mod event;
 mod ids;
+pub mod kernel;
 mod lifecycle;
 mod model;
 pub mod sim_scsi;

@@ -113,3 +113,54 @@ host0          host    live   -       0
     drop(events);
     daemon.wait_for_log("replayed 14 events");
 }
+
+/// Removing a SCSI LUN writes `1` to its sysfs `delete` (here in a fake
+/// sysfs tree) and waits, `removing`, for the kernel's remove events.
+#[test]
+fn removing_a_scsi_lun_deletes_it_through_sysfs_and_waits_for_the_kernel() {
+    let dir = TempDir::unique("scsi-delete");
+    let lun_dir = dir
+        .0
+        .join("sys/devices/pci0000:00/0000:00:1f.2/ata1/host0/target0:0:0/0:0:0:1");
+    std::fs::create_dir_all(&lun_dir).expect("fake sysfs");
+    std::fs::write(lun_dir.join("delete"), "").expect("fake delete");
+    let fifo = dir.0.join("events");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo")
+        .success());
+    let bus = TestBus::start();
+    let (fifo_arg, root_arg) = (
+        fifo.to_string_lossy().into_owned(),
+        dir.0.to_string_lossy().into_owned(),
+    );
+    let _daemon =
+        Daemon::start_with_args(&bus, &["--replay", &fifo_arg, "--sysfs-root", &root_arg]);
+    let mut events = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fifo)
+        .expect("open the FIFO");
+    events.write_all(HOST.as_bytes()).expect("write events");
+    events.flush().expect("flush");
+    wait_for(|| state(&bus, "sdb").is_some(), "the replayed tree");
+    let lun: serde_json::Value =
+        serde_json::from_str(&ok(&bus, &["--json", "show", "0:0:0:1"])).expect("JSON");
+    let lun_id = lun["id"].to_string();
+
+    ok(&bus, &["remove", "0:0:0:1"]);
+    wait_for(
+        || std::fs::read_to_string(lun_dir.join("delete")).is_ok_and(|s| s == "1"),
+        "devmgrd to write 1 to the LUN's delete",
+    );
+    assert_eq!(state(&bus, &lun_id).as_deref(), Some("removing"));
+    assert_eq!(state(&bus, "sdb"), None, "its disk goes with it");
+
+    // The kernel confirms: the LUN leaves the model.
+    events
+        .write_all(LUN_REMOVED.as_bytes())
+        .expect("write events");
+    events.flush().expect("flush");
+    wait_for(|| state(&bus, &lun_id).is_none(), "the LUN to be removed");
+    assert_eq!(state(&bus, "0:0:0:0").as_deref(), Some("live"));
+}

@@ -266,3 +266,145 @@ async fn devices_that_existed_before_the_daemon_are_there_once() {
     // The machine's own loopback interface is modelled too.
     assert!(find(&client, "lo").await.is_some());
 }
+
+fn sys_block(name: &str) -> std::path::PathBuf {
+    std::path::Path::new("/sys/devices/virtual/block").join(name)
+}
+
+/// Removing a real loop device: pending while held, then devmgrd removes
+/// the real device (LOOP_CTL_REMOVE) and the kernel's event completes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_held_loop_device_removes_the_real_one_once_released() {
+    let bus = TestBus::start();
+    let _daemon =
+        Daemon::start_with_args(&bus, &["--udev-source", "kernel", "--subsystems", "block"]);
+    let client = Client::connect(&bus.address).await;
+    let device = Loop::create(5000);
+    eventually("the loop device on the bus", || async {
+        find(&client, &device.name()).await.is_some()
+    })
+    .await;
+    let path = find(&client, &device.name())
+        .await
+        .expect("the loop device");
+    let fd = client.acquire(&path).await;
+    let out = devctl(&bus, &["remove", &device.name()]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("removal pending"), "{text}");
+    assert!(text.contains("held by"), "{text}");
+    assert!(
+        sys_block(&device.name()).exists(),
+        "nothing real happens while held"
+    );
+    drop(fd);
+    eventually("the object to be removed", || async {
+        !client.exists(&path).await
+    })
+    .await;
+    assert!(
+        !sys_block(&device.name()).exists(),
+        "the real loop device is still there"
+    );
+}
+
+/// "Exit may fail": a loop device with a backing file attached refuses
+/// LOOP_CTL_REMOVE; the object is `stopped` with the kernel's error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_loop_device_fails_to_remove_cleanly() {
+    let bus = TestBus::start();
+    let _daemon =
+        Daemon::start_with_args(&bus, &["--udev-source", "kernel", "--subsystems", "block"]);
+    let client = Client::connect(&bus.address).await;
+    let device = Loop::create(6000);
+    let dir = TempDir::unique("backing");
+    std::fs::create_dir_all(&dir.0).expect("temp dir");
+    let backing = dir.0.join("disk.img");
+    std::fs::write(&backing, vec![0u8; 1 << 20]).expect("backing file");
+    let node = format!("/dev/{}", device.name());
+    let attached = Command::new("losetup")
+        .arg(&node)
+        .arg(&backing)
+        .status()
+        .expect("losetup");
+    assert!(attached.success(), "losetup {node}");
+    eventually("the loop device on the bus", || async {
+        find(&client, &device.name()).await.is_some()
+    })
+    .await;
+    let path = find(&client, &device.name())
+        .await
+        .expect("the loop device");
+    let out = devctl(&bus, &["remove", &device.name()]);
+    assert!(out.status.success());
+    eventually("the object to be stopped", || async {
+        client.state(&path).await.as_deref() == Some("stopped")
+    })
+    .await;
+    let error = client
+        .object(&path)
+        .await
+        .last_error()
+        .await
+        .expect("LastError");
+    assert!(error.contains("busy"), "{error}");
+    assert!(sys_block(&device.name()).exists());
+    let _ = Command::new("losetup").args(["-d", &node]).status();
+}
+
+/// `--no-actuate`: nothing real is done; the object says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_actuate_leaves_real_devices_alone() {
+    let bus = TestBus::start();
+    let _daemon = Daemon::start_with_args(
+        &bus,
+        &[
+            "--udev-source",
+            "kernel",
+            "--subsystems",
+            "block",
+            "--no-actuate",
+        ],
+    );
+    let client = Client::connect(&bus.address).await;
+    let device = Loop::create(7000);
+    eventually("the loop device on the bus", || async {
+        find(&client, &device.name()).await.is_some()
+    })
+    .await;
+    let path = find(&client, &device.name())
+        .await
+        .expect("the loop device");
+    assert!(devctl(&bus, &["remove", &device.name()]).status.success());
+    eventually("the object to be stopped", || async {
+        client.state(&path).await.as_deref() == Some("stopped")
+    })
+    .await;
+    let error = client
+        .object(&path)
+        .await
+        .last_error()
+        .await
+        .expect("LastError");
+    assert!(error.contains("--no-actuate"), "{error}");
+    assert!(sys_block(&device.name()).exists());
+}
+
+/// A device with no way to remove it (the loopback interface) is refused
+/// with NotSupported, and nothing changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_with_no_real_removal_is_refused() {
+    let bus = TestBus::start();
+    let _daemon =
+        Daemon::start_with_args(&bus, &["--udev-source", "kernel", "--subsystems", "net"]);
+    let client = Client::connect(&bus.address).await;
+    eventually("lo on the bus", || async {
+        find(&client, "lo").await.is_some()
+    })
+    .await;
+    let out = devctl(&bus, &["remove", "lo"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("org.devmgr.DevMgr1.Error.NotSupported"));
+    let path = find(&client, "lo").await.expect("lo");
+    assert_eq!(client.state(&path).await.as_deref(), Some("live"));
+}
