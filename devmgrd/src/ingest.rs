@@ -11,9 +11,9 @@
 //! Duplicates are expected (coldplug overlaps the first events): an `add`
 //! for a known sys path and a `remove` for an unknown one change nothing.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
-use drivers::{AddRequest, Kind, ObjectId};
+use drivers::{AddRequest, Kind, Model, ObjectId};
 use tokio::sync::mpsc;
 
 use crate::owner::ModelHandle;
@@ -22,13 +22,16 @@ use crate::uevents::{Action, Ingest, UEvent};
 /// The devices the model holds from udev, by sys path.
 #[derive(Default)]
 struct Known {
-    by_sys_path: HashMap<String, Entry>,
+    /// Ordered, so a removed device's descendants are one range away.
+    by_sys_path: BTreeMap<String, Entry>,
 }
 
 #[derive(Clone)]
 struct Entry {
     id: ObjectId,
     subsystem: String,
+    /// A host's `scsi_host` class device: another path for the same object.
+    alias: bool,
 }
 
 impl Known {
@@ -45,27 +48,57 @@ impl Known {
     }
 }
 
+/// Most events applied in one owner job: a storm goes through in batches
+/// (one publish, one wait per batch) without holding other commands up for
+/// long (each batch's signals go out before the next command's reply).
+const MAX_BATCH: usize = 64;
+
 /// Applies events until the reader stops.
 pub async fn run(handle: ModelHandle, mut events: mpsc::UnboundedReceiver<Ingest>) {
     let mut known = Known::default();
-    while let Some(ingest) = events.recv().await {
-        let batch = match ingest {
-            Ingest::Coldplug(devices) => {
-                tracing::info!("coldplug: {} existing devices", devices.len());
-                devices
+    let mut queue = std::collections::VecDeque::new();
+    loop {
+        if queue.is_empty() {
+            match events.recv().await {
+                Some(ingest) => enqueue(&mut queue, ingest),
+                None => return,
             }
-            Ingest::Event(event) => vec![event],
-        };
-        for event in batch {
-            if apply(&handle, &mut known, event).await.is_err() {
-                return; // the owner is gone: shutting down
+        }
+        while queue.len() < MAX_BATCH {
+            match events.try_recv() {
+                Ok(ingest) => enqueue(&mut queue, ingest),
+                Err(_) => break,
             }
+        }
+        let batch: Vec<UEvent> = queue.drain(..queue.len().min(MAX_BATCH)).collect();
+        // The mapping travels with the job and comes back with it: one
+        // owner of each, no lock.
+        let mut mapping = std::mem::take(&mut known);
+        let applied = handle.call(move |model| {
+            for event in batch {
+                apply(model, &mut mapping, event);
+            }
+            mapping
+        });
+        match applied.await {
+            Ok(mapping) => known = mapping,
+            Err(_) => return, // the owner is gone: shutting down
         }
     }
 }
 
-/// Applies one event; `Err` only when the model's owner has stopped.
-async fn apply(handle: &ModelHandle, known: &mut Known, event: UEvent) -> Result<(), ()> {
+fn enqueue(queue: &mut std::collections::VecDeque<UEvent>, ingest: Ingest) {
+    match ingest {
+        Ingest::Coldplug(devices) => {
+            tracing::info!("coldplug: {} existing devices", devices.len());
+            queue.extend(devices);
+        }
+        Ingest::Event(event) => queue.push_back(event),
+    }
+}
+
+/// Applies one event to the model.
+fn apply(model: &mut Model, known: &mut Known, event: UEvent) {
     tracing::debug!(
         "uevent {:?} {} (seq {})",
         event.action,
@@ -75,7 +108,7 @@ async fn apply(handle: &ModelHandle, known: &mut Known, event: UEvent) -> Result
     match event.action {
         Action::Add => {
             if known.by_sys_path.contains_key(&event.sys_path) {
-                return Ok(()); // seen at coldplug, or a repeated add
+                return; // seen at coldplug, or a repeated add
             }
             if event.subsystem == "scsi_host" {
                 // `<host>/scsi_host/<name>`: the class side of a known host.
@@ -84,8 +117,12 @@ async fn apply(handle: &ModelHandle, known: &mut Known, event: UEvent) -> Result
                     .strip_suffix(&format!("/scsi_host/{}", event.sys_name))
                     .and_then(|host| known.by_sys_path.get(host).cloned());
                 if let Some(host) = host {
-                    known.by_sys_path.insert(event.sys_path, host);
-                    return Ok(());
+                    let alias = Entry {
+                        alias: true,
+                        ..host
+                    };
+                    known.by_sys_path.insert(event.sys_path, alias);
+                    return;
                 }
             }
             let is_host = event.subsystem == "scsi_host"
@@ -115,13 +152,15 @@ async fn apply(handle: &ModelHandle, known: &mut Known, event: UEvent) -> Result
                     .attributes
                     .insert("udev.driver".into(), driver.clone());
             }
-            let added = handle.call(move |m| m.add(request)).await.map_err(|_| ())?;
-            match added {
+            match model.add(request) {
                 Ok(id) => {
                     let subsystem = event.subsystem.clone();
-                    known
-                        .by_sys_path
-                        .insert(event.sys_path, Entry { id, subsystem });
+                    let entry = Entry {
+                        id,
+                        subsystem,
+                        alias: false,
+                    };
+                    known.by_sys_path.insert(event.sys_path, entry);
                 }
                 Err(e) => tracing::warn!(
                     "not modelling {} ({}): {e}",
@@ -131,24 +170,25 @@ async fn apply(handle: &ModelHandle, known: &mut Known, event: UEvent) -> Result
             }
         }
         Action::Remove => {
-            let Some(Entry { id, .. }) = known.by_sys_path.remove(&event.sys_path) else {
-                return Ok(());
+            let Some(Entry { id, alias, .. }) = known.by_sys_path.remove(&event.sys_path) else {
+                return;
             };
-            if known.by_sys_path.values().any(|other| other.id == id) {
-                // The class side of a host went; the host itself stays.
-                return Ok(());
+            if alias {
+                return; // the class side of a host went; the host stays
             }
             // The kernel removes children before parents, but a parent's
             // removal takes any known child with it: forget them too.
             let prefix = format!("{}/", event.sys_path);
-            known
+            let below: Vec<String> = known
                 .by_sys_path
-                .retain(|path, _| !path.starts_with(&prefix));
-            let removed = handle
-                .call(move |m| m.kernel_removed(id))
-                .await
-                .map_err(|_| ())?;
-            if let Err(e) = removed {
+                .range(prefix.clone()..)
+                .take_while(|(path, _)| path.starts_with(&prefix))
+                .map(|(path, _)| path.clone())
+                .collect();
+            for path in below {
+                known.by_sys_path.remove(&path);
+            }
+            if let Err(e) = model.kernel_removed(id) {
                 // NotFound: it already went (e.g. with its parent).
                 tracing::debug!("kernel removal of {}: {e}", event.sys_path);
             }
@@ -157,5 +197,4 @@ async fn apply(handle: &ModelHandle, known: &mut Known, event: UEvent) -> Result
         // the next part of udev ingestion (issue 5).
         _ => {}
     }
-    Ok(())
 }

@@ -191,7 +191,7 @@ async fn run(args: Args) -> Result<(), String> {
         ));
         tokio::spawn(ingest::run(handle.clone(), rx));
     } else if !args.no_udev {
-        let source = args.udev_source.unwrap_or_else(uevents::Source::detect);
+        let source = args.udev_source.unwrap_or_else(uevents::detect_source);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         uevents::start(source, &args.subsystems, tx).await?;
         tokio::spawn(ingest::run(handle.clone(), rx));

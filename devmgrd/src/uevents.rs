@@ -7,78 +7,23 @@
 //! this module: the rest of the daemon never touches libudev.
 
 use std::os::fd::AsFd;
-use std::str::FromStr;
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{setsockopt, sockopt};
 use tokio::sync::mpsc;
 
+pub use drivers::uevent::{Action, Source, UEvent};
+
 /// The monitor socket's receive buffer, as systemd-udevd sets it.
 const RECEIVE_BUFFER: usize = 128 * 1024 * 1024;
 
-/// Which events to listen to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Source {
-    /// Events after systemd-udevd processed them (the default when it runs).
-    Udev,
-    /// The kernel's own uevents (when no udevd runs).
-    Kernel,
-}
-
-impl FromStr for Source {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "udev" => Ok(Source::Udev),
-            "kernel" => Ok(Source::Kernel),
-            other => Err(format!("{other:?} is not a udev source (udev or kernel)")),
-        }
+/// udev when systemd-udevd is running (its control socket exists), else kernel.
+pub fn detect_source() -> Source {
+    if std::path::Path::new("/run/udev/control").exists() {
+        Source::Udev
+    } else {
+        Source::Kernel
     }
-}
-
-impl Source {
-    /// udev when systemd-udevd is running (its control socket exists), else kernel.
-    pub fn detect() -> Source {
-        if std::path::Path::new("/run/udev/control").exists() {
-            Source::Udev
-        } else {
-            Source::Kernel
-        }
-    }
-
-    /// How logs name it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Source::Udev => "udev",
-            Source::Kernel => "kernel",
-        }
-    }
-}
-
-/// What happened to a device.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Action {
-    Add,
-    Remove,
-    Change,
-    Move,
-    Bind,
-    Unbind,
-    Other,
-}
-
-/// One device event (or one existing device, at coldplug), decoupled from libudev.
-#[derive(Clone, Debug)]
-pub struct UEvent {
-    pub action: Action,
-    /// The kernel's sequence number (0 for coldplug).
-    pub seqnum: u64,
-    pub sys_path: String,
-    pub subsystem: String,
-    pub sys_name: String,
-    /// The kind within the subsystem (`disk`, `partition`, `scsi_device`…).
-    pub devtype: Option<String>,
-    pub driver: Option<String>,
 }
 
 /// What the reader thread hands to the ingestion.

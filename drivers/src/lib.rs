@@ -15,6 +15,7 @@ pub mod kernel;
 mod lifecycle;
 mod model;
 pub mod sim_scsi;
+pub mod uevent;
 pub mod validate;
 
 pub use attributes::Attributes;
