@@ -107,11 +107,27 @@ fn loop_remove(number: &str) -> Result<(), String> {
         .write(true)
         .open("/dev/loop-control")
         .map_err(|e| format!("open /dev/loop-control: {e}"))?;
-    // SAFETY: LOOP_CTL_REMOVE takes its argument by value (an int, no
-    // pointer), on an fd that `control` keeps open for the call.
-    unsafe { loop_ctl_remove(control.as_raw_fd(), n) }
-        .map(drop)
-        .map_err(|e| format!("remove loop{n} through /dev/loop-control: {}", e.desc()))
+    // systemd-udevd opens a new or changed loop device for a moment (blkid),
+    // which makes the kernel answer EBUSY: retry that for about a second
+    // before calling the device busy (a backing file keeps it so for good).
+    let mut attempts = 0;
+    loop {
+        // SAFETY: LOOP_CTL_REMOVE takes its argument by value (an int, no
+        // pointer), on an fd that `control` keeps open for the call.
+        match unsafe { loop_ctl_remove(control.as_raw_fd(), n) } {
+            Ok(_) => return Ok(()),
+            Err(nix::errno::Errno::EBUSY) if attempts < 10 => {
+                attempts += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => {
+                return Err(format!(
+                    "remove loop{n} through /dev/loop-control: {}",
+                    e.desc()
+                ))
+            }
+        }
+    }
 }
 
 /// Starts the executor; the owner sends it every effect its commands produce.

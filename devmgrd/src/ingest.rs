@@ -60,13 +60,13 @@ pub async fn run(handle: ModelHandle, mut events: mpsc::UnboundedReceiver<Ingest
     loop {
         if queue.is_empty() {
             match events.recv().await {
-                Some(ingest) => enqueue(&mut queue, ingest),
+                Some(ingest) => enqueue(&mut queue, &known, ingest),
                 None => return,
             }
         }
         while queue.len() < MAX_BATCH {
             match events.try_recv() {
-                Ok(ingest) => enqueue(&mut queue, ingest),
+                Ok(ingest) => enqueue(&mut queue, &known, ingest),
                 Err(_) => break,
             }
         }
@@ -87,14 +87,53 @@ pub async fn run(handle: ModelHandle, mut events: mpsc::UnboundedReceiver<Ingest
     }
 }
 
-fn enqueue(queue: &mut std::collections::VecDeque<UEvent>, ingest: Ingest) {
+fn enqueue(queue: &mut std::collections::VecDeque<UEvent>, known: &Known, ingest: Ingest) {
     match ingest {
         Ingest::Coldplug(devices) => {
             tracing::info!("coldplug: {} existing devices", devices.len());
             queue.extend(devices);
         }
+        Ingest::Resync(devices) => {
+            let (vanished, new) = reconcile(known, devices);
+            tracing::warn!(
+                "resynchronised after an overflow: {} vanished, {} new",
+                vanished.len(),
+                new.len()
+            );
+            queue.extend(vanished);
+            queue.extend(new);
+        }
         Ingest::Event(event) => queue.push_back(event),
     }
+}
+
+/// What a fresh enumeration says was missed: removals for known devices
+/// that no longer exist (children first), additions for unknown ones
+/// (parents first). Events still queued may repeat some; repeats change
+/// nothing.
+fn reconcile(known: &Known, devices: Vec<UEvent>) -> (Vec<UEvent>, Vec<UEvent>) {
+    let present: std::collections::HashSet<&str> =
+        devices.iter().map(|d| d.sys_path.as_str()).collect();
+    let mut vanished: Vec<UEvent> = known
+        .by_sys_path
+        .iter()
+        .filter(|(path, entry)| !entry.alias && !present.contains(path.as_str()))
+        .map(|(path, entry)| UEvent {
+            action: Action::Remove,
+            seqnum: 0,
+            sys_path: path.clone(),
+            subsystem: entry.subsystem.clone(),
+            sys_name: path.rsplit('/').next().unwrap_or_default().to_owned(),
+            devtype: None,
+            driver: None,
+        })
+        .collect();
+    vanished.reverse(); // children (longer paths) before their parents
+    let new = devices
+        .into_iter()
+        .filter(|d| !known.by_sys_path.contains_key(&d.sys_path))
+        .collect();
+    (vanished, new)
 }
 
 /// Applies one event to the model.

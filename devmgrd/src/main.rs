@@ -51,6 +51,10 @@ struct Args {
     /// Where sysfs is mounted (a fake tree, for tests).
     #[arg(long, value_name = "DIR", default_value = "/")]
     sysfs_root: std::path::PathBuf,
+    /// The uevent socket's receive buffer in bytes (tests shrink it to
+    /// provoke an overflow and the resynchronisation that follows).
+    #[arg(long, value_name = "BYTES", default_value_t = uevents::RECEIVE_BUFFER, hide = true)]
+    udev_receive_buffer: usize,
     /// The kernel subsystems to model, comma-separated.
     #[arg(
         long,
@@ -193,7 +197,7 @@ async fn run(args: Args) -> Result<(), String> {
     } else if !args.no_udev {
         let source = args.udev_source.unwrap_or_else(uevents::detect_source);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        uevents::start(source, &args.subsystems, tx).await?;
+        uevents::start(source, &args.subsystems, args.udev_receive_buffer, tx).await?;
         tokio::spawn(ingest::run(handle.clone(), rx));
         tracing::info!(
             "modelling {} from {} events",

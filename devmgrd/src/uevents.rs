@@ -8,6 +8,7 @@
 
 use std::os::fd::AsFd;
 
+use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{setsockopt, sockopt};
 use tokio::sync::mpsc;
@@ -15,7 +16,7 @@ use tokio::sync::mpsc;
 pub use drivers::uevent::{Action, Source, UEvent};
 
 /// The monitor socket's receive buffer, as systemd-udevd sets it.
-const RECEIVE_BUFFER: usize = 128 * 1024 * 1024;
+pub const RECEIVE_BUFFER: usize = 128 * 1024 * 1024;
 
 /// udev when systemd-udevd is running (its control socket exists), else kernel.
 pub fn detect_source() -> Source {
@@ -31,6 +32,9 @@ pub fn detect_source() -> Source {
 pub enum Ingest {
     /// The devices that existed when the monitor started, parents first.
     Coldplug(Vec<UEvent>),
+    /// Every device that exists now, parents first, after the socket
+    /// overflowed (ENOBUFS): events were lost, so reconcile against this.
+    Resync(Vec<UEvent>),
     /// One event, in the order the kernel (or udevd) sent it.
     Event(UEvent),
 }
@@ -69,6 +73,7 @@ fn action_of(event: &udev::Event) -> Action {
 pub async fn start(
     source: Source,
     subsystems: &[String],
+    receive_buffer: usize,
     events: mpsc::UnboundedSender<Ingest>,
 ) -> Result<(), String> {
     let (ready_tx, ready) = tokio::sync::oneshot::channel();
@@ -76,7 +81,7 @@ pub async fn start(
     std::thread::Builder::new()
         .name(format!("uevents-{}", source.as_str()))
         .spawn(move || {
-            let socket = match open(source, &subsystems, &events) {
+            let socket = match open(source, &subsystems, receive_buffer, &events) {
                 Ok(socket) => {
                     let _ = ready_tx.send(Ok(()));
                     socket
@@ -86,7 +91,7 @@ pub async fn start(
                     return;
                 }
             };
-            read(source, &socket, &events);
+            read(source, &subsystems, &socket, &events);
         })
         .map_err(|e| format!("cannot start the uevent reader: {e}"))?;
     ready
@@ -98,6 +103,7 @@ pub async fn start(
 fn open(
     source: Source,
     subsystems: &[String],
+    receive_buffer: usize,
     events: &mpsc::UnboundedSender<Ingest>,
 ) -> Result<udev::MonitorSocket, String> {
     let mut builder = match source {
@@ -115,11 +121,16 @@ fn open(
         .map_err(|e| format!("cannot listen for {} events: {e}", source.as_str()))?;
     // A burst (thousands of devices at once) must wait in the socket, not
     // overflow it: udevd's own choice, 128 MiB, past rmem_max as root.
-    if let Err(e) = setsockopt(&socket.as_fd(), sockopt::RcvBufForce, &RECEIVE_BUFFER) {
-        tracing::warn!("cannot enlarge the uevent socket's buffer to 128 MiB: {e}");
+    if let Err(e) = setsockopt(&socket.as_fd(), sockopt::RcvBufForce, &receive_buffer) {
+        tracing::warn!("cannot set the uevent socket's buffer to {receive_buffer} bytes: {e}");
     }
-
     // Monitor first, then the enumeration (see the module's note).
+    let _ = events.send(Ingest::Coldplug(enumerate(subsystems)?));
+    Ok(socket)
+}
+
+/// Every device of these subsystems, parents first.
+fn enumerate(subsystems: &[String]) -> Result<Vec<UEvent>, String> {
     let mut enumerator =
         udev::Enumerator::new().map_err(|e| format!("cannot enumerate devices: {e}"))?;
     for subsystem in subsystems {
@@ -134,22 +145,29 @@ fn open(
         .collect();
     // Parents before children: a parent's sys path is a prefix of its child's.
     existing.sort_by(|a, b| a.sys_path.cmp(&b.sys_path));
-    let _ = events.send(Ingest::Coldplug(existing));
-    Ok(socket)
+    Ok(existing)
 }
 
 /// Forwards events until the daemon stops listening.
-fn read(source: Source, socket: &udev::MonitorSocket, events: &mpsc::UnboundedSender<Ingest>) {
+fn read(
+    source: Source,
+    subsystems: &[String],
+    socket: &udev::MonitorSocket,
+    events: &mpsc::UnboundedSender<Ingest>,
+) {
     loop {
         let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) => {}
-            Err(nix::errno::Errno::EINTR) => continue,
+            Err(Errno::EINTR) => continue,
             Err(e) => {
                 tracing::error!("the {} monitor failed: {e}", source.as_str());
                 return;
             }
         }
+        // libudev ends the iteration with errno set: EAGAIN when drained,
+        // ENOBUFS when the kernel dropped events because we fell behind.
+        Errno::clear();
         for event in socket.iter() {
             let mut uevent = from_device(action_of(&event), event.sequence_number(), &event);
             if uevent.action == Action::Other
@@ -159,6 +177,20 @@ fn read(source: Source, socket: &udev::MonitorSocket, events: &mpsc::UnboundedSe
             }
             if events.send(Ingest::Event(uevent)).is_err() {
                 return; // the daemon is shutting down
+            }
+        }
+        if Errno::last() == Errno::ENOBUFS {
+            tracing::warn!(
+                "the {} event socket overflowed: events were lost; re-enumerating",
+                source.as_str()
+            );
+            match enumerate(subsystems) {
+                Ok(devices) => {
+                    if events.send(Ingest::Resync(devices)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => tracing::error!("cannot re-enumerate after the overflow: {e}"),
             }
         }
     }

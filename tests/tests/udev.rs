@@ -73,8 +73,15 @@ fn loop_control(request: u32, number: u32) -> Result<(), String> {
     let out = Command::new("/usr/bin/python3")
         .args([
             "-c",
-            "import fcntl,os,sys; fd=os.open('/dev/loop-control', os.O_RDWR); \
-             fcntl.ioctl(fd, int(sys.argv[1]), int(sys.argv[2]))",
+            // systemd-udevd probes a new loop device (blkid): a removal
+            // right then is EBUSY for a moment, so retry that for 5 s.
+            "import errno,fcntl,os,sys,time\n\
+             fd=os.open('/dev/loop-control', os.O_RDWR)\n\
+             for attempt in range(100):\n\
+             \x20   try: fcntl.ioctl(fd, int(sys.argv[1]), int(sys.argv[2])); break\n\
+             \x20   except OSError as e:\n\
+             \x20       if e.errno != errno.EBUSY or attempt == 99: raise\n\
+             \x20       time.sleep(0.05)",
             &request.to_string(),
             &number.to_string(),
         ])
@@ -407,4 +414,111 @@ async fn a_device_with_no_real_removal_is_refused() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("org.devmgr.DevMgr1.Error.NotSupported"));
     let path = find(&client, "lo").await.expect("lo");
     assert_eq!(client.state(&path).await.as_deref(), Some("live"));
+}
+
+fn signal(daemon: &Daemon, sig: &str) {
+    let pid = daemon.child.id().to_string();
+    assert!(Command::new("kill")
+        .args([sig, &pid])
+        .status()
+        .expect("kill")
+        .success());
+}
+
+/// Loop devices `first..first+n`, made and removed by one python process
+/// each way (the overflow test needs them fast); removed when dropped.
+struct LoopRange {
+    first: u32,
+    n: u32,
+}
+
+impl LoopRange {
+    fn control(request: u32, first: u32, n: u32) {
+        let out = Command::new("/usr/bin/python3")
+            .args([
+                "-c",
+                // EBUSY (udevd probing) is retried, as in `loop_control`.
+                "import errno,fcntl,os,sys,time\n\
+                 fd=os.open('/dev/loop-control', os.O_RDWR)\n\
+                 r,f,n=map(int, sys.argv[1:4])\n\
+                 for i in range(f, f+n):\n\
+                 \x20   for attempt in range(100):\n\
+                 \x20       try: fcntl.ioctl(fd, r, i); break\n\
+                 \x20       except OSError as e:\n\
+                 \x20           if e.errno != errno.EBUSY or attempt == 99: raise\n\
+                 \x20           time.sleep(0.05)",
+                &request.to_string(),
+                &first.to_string(),
+                &n.to_string(),
+            ])
+            .output()
+            .expect("python3");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn create(first: u32, n: u32) -> LoopRange {
+        LoopRange::control(LOOP_CTL_ADD, first, n);
+        LoopRange { first, n }
+    }
+}
+
+impl Drop for LoopRange {
+    fn drop(&mut self) {
+        LoopRange::control(LOOP_CTL_REMOVE, self.first, self.n);
+    }
+}
+
+async fn loops_present(client: &Client, first: u32, n: u32) -> u32 {
+    let mut present = 0;
+    for i in first..first + n {
+        if find(client, &format!("loop{i}")).await.is_some() {
+            present += 1;
+        }
+    }
+    present
+}
+
+/// The event socket overflows (a tiny buffer, the daemon stopped while 50
+/// loop devices come and later go): devmgrd notices (ENOBUFS), enumerates
+/// again and reconciles, so nothing is lost track of either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overflowing_event_socket_is_resynchronised() {
+    const FIRST: u32 = 8000;
+    // Far more than a 4 KiB socket holds; few, because the kernel takes
+    // ~50 ms to remove each loop device.
+    const N: u32 = 50;
+    let bus = TestBus::start();
+    let daemon = Daemon::start_with_args(
+        &bus,
+        &[
+            "--udev-source",
+            "kernel",
+            "--subsystems",
+            "block",
+            "--udev-receive-buffer",
+            "4096",
+        ],
+    );
+    let client = Client::connect(&bus.address).await;
+    signal(&daemon, "-STOP");
+    let created = LoopRange::create(FIRST, N);
+    signal(&daemon, "-CONT");
+    eventually("all the loop devices on the bus", || async {
+        loops_present(&client, FIRST, N).await == N
+    })
+    .await;
+    daemon.wait_for_log("event socket overflowed");
+    daemon.wait_for_log("resynchronised after an overflow");
+
+    signal(&daemon, "-STOP");
+    drop(created);
+    signal(&daemon, "-CONT");
+    eventually("all the loop devices gone from the bus", || async {
+        loops_present(&client, FIRST, N).await == 0
+    })
+    .await;
 }
