@@ -146,8 +146,13 @@ fn apply(model: &mut Model, known: &mut Known, event: UEvent) {
     );
     match event.action {
         Action::Add => {
-            if known.by_sys_path.contains_key(&event.sys_path) {
-                return; // seen at coldplug, or a repeated add
+            if let Some(entry) = known.by_sys_path.get(&event.sys_path) {
+                if model.contains(entry.id) {
+                    return; // seen at coldplug, or a repeated add
+                }
+                // Its object went (removed by unbinding it, say) while the
+                // device stayed: it is new to the model again.
+                known.by_sys_path.remove(&event.sys_path);
             }
             if event.subsystem == "scsi_host" {
                 // `<host>/scsi_host/<name>`: the class side of a known host.
@@ -186,13 +191,11 @@ fn apply(model: &mut Model, known: &mut Known, event: UEvent) {
                     .attributes
                     .insert("udev.devtype".into(), devtype.clone());
             }
-            if let Some(driver) = &event.driver {
-                request
-                    .attributes
-                    .insert("udev.driver".into(), driver.clone());
-            }
             match model.add(request) {
                 Ok(id) => {
+                    if let Some(driver) = &event.driver {
+                        bind(model, id, driver, &event.sys_path);
+                    }
                     let subsystem = event.subsystem.clone();
                     let entry = Entry {
                         id,
@@ -232,8 +235,54 @@ fn apply(model: &mut Model, known: &mut Known, event: UEvent) {
                 tracing::debug!("kernel removal of {}: {e}", event.sys_path);
             }
         }
-        // Attribute changes, renames and bindings of real devices come with
-        // the next part of udev ingestion (issue 5).
+        Action::Bind => {
+            let (Some(id), Some(driver)) = (live(model, known, &event.sys_path), &event.driver)
+            else {
+                return;
+            };
+            bind(model, id, driver, &event.sys_path);
+        }
+        Action::Unbind => {
+            let Some(id) = live(model, known, &event.sys_path) else {
+                return;
+            };
+            if let Err(e) = model.kernel_unbound(id) {
+                tracing::warn!("recording the unbinding of {}: {e}", event.sys_path);
+            }
+        }
+        // Attribute changes and renames of real devices come with the next
+        // part of udev ingestion (issue 5).
         _ => {}
+    }
+}
+
+/// The live object of a known (non-alias) sys path.
+fn live(model: &Model, known: &Known, sys_path: &str) -> Option<ObjectId> {
+    known
+        .by_sys_path
+        .get(sys_path)
+        .filter(|e| !e.alias && model.contains(e.id))
+        .map(|e| e.id)
+}
+
+/// Records that the kernel bound `id` to the driver `name`: a driver object
+/// of that name (added, as udev-origin, the first time it is seen).
+fn bind(model: &mut Model, id: ObjectId, name: &str, sys_path: &str) {
+    let driver = match model.find(Kind::Driver, name) {
+        Ok(d) => d,
+        Err(_) => {
+            let mut request = AddRequest::new(Kind::Driver, name);
+            request.origin = proto::Origin::Udev;
+            match model.add(request) {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!("not modelling driver {name} (bound to {sys_path}): {e}");
+                    return;
+                }
+            }
+        }
+    };
+    if let Err(e) = model.kernel_bound(id, driver) {
+        tracing::warn!("recording {sys_path} bound to {name}: {e}");
     }
 }

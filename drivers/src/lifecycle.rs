@@ -1372,6 +1372,50 @@ impl Model {
         Ok(())
     }
 
+    /// The kernel bound `id` to `driver` (a `bind` uevent, or `DRIVER=` on a
+    /// device that appeared bound). The kernel has done it: nothing is
+    /// probed and no state is checked; a previous binding is replaced.
+    pub fn kernel_bound(&mut self, id: ObjectId, driver: ObjectId) -> Result<()> {
+        let key = self.key(id)?;
+        let d = self.key(driver)?;
+        if self.obj(key).kind == Kind::Driver || self.obj(d).kind != Kind::Driver {
+            return Err(Error::invalid_argument(
+                "only a host or device can be bound, and only to a driver",
+            ));
+        }
+        let old = self.obj(key).driver;
+        if old == d {
+            return Ok(());
+        }
+        if old != NONE {
+            self.unbind_now(key);
+        }
+        self.bind_now(key, d);
+        self.settle_deferred();
+        Ok(())
+    }
+
+    /// The kernel unbound `id` from its driver (an `unbind` uevent). If
+    /// unbinding was the driver action of its removal, this is the kernel's
+    /// confirmation and the removal completes; otherwise the binding just
+    /// ends (and a driver removal waiting on it may complete).
+    pub fn kernel_unbound(&mut self, id: ObjectId) -> Result<()> {
+        let key = self.key(id)?;
+        if self.obj(key).exiting {
+            if let Exit::Later(action) = self.exit_plan(key) {
+                if action.verb == crate::kernel::verbs::DRIVER_UNBIND {
+                    return self.exit_finished(id, Ok(()));
+                }
+            }
+        }
+        if self.obj(key).driver == NONE {
+            return Ok(());
+        }
+        self.unbind_now(key);
+        self.settle_deferred();
+        Ok(())
+    }
+
     /// The caller finished a driver action ([`Effect::Exit`]): on success the
     /// object leaves the model; on failure it stays `stopped` with the error.
     pub fn exit_finished(&mut self, id: ObjectId, result: ExitResult) -> Result<()> {

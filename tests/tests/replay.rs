@@ -53,13 +53,14 @@ fn a_replayed_scsi_host_builds_its_tree_and_a_held_lun_survives_surprise_removal
         "\
 NAME           KIND    STATE  DRIVER  REFS
 sim-scsi       driver  live   -       0
+sd             driver  live   -       0
 host0          host    live   -       0
 └─target0:0:0  device  live   -       0
-  ├─0:0:0:0    device  live   -       0
+  ├─0:0:0:0    device  live   sd      0
   │ └─sda      device  live   -       0
   │   ├─sda1   device  live   -       0
   │   └─sda2   device  live   -       0
-  └─0:0:0:1    device  live   -       0
+  └─0:0:0:1    device  live   sd      0
     └─sdb      device  live   -       0
 "
     );
@@ -72,6 +73,10 @@ host0          host    live   -       0
         "/sys/devices/pci0000:00/0000:00:1f.2/ata1/host0/target0:0:0/0:0:0:0/block/sda/sda1"
     );
     assert_eq!(sda1["attributes"]["udev.devtype"], "partition");
+    // The `bind` events made the kernel's `sd` driver an object.
+    let sd: serde_json::Value =
+        serde_json::from_str(&ok(&bus, &["--json", "show", "driver/sd"])).expect("JSON");
+    assert_eq!(sd["origin"], "udev");
 
     // Hold the LUN, then the kernel pulls it: its idle disk goes at once,
     // the LUN is gone (held), and goes when let go of. A gone object's
@@ -163,4 +168,73 @@ fn removing_a_scsi_lun_deletes_it_through_sysfs_and_waits_for_the_kernel() {
     events.flush().expect("flush");
     wait_for(|| state(&bus, &lun_id).is_none(), "the LUN to be removed");
     assert_eq!(state(&bus, "0:0:0:0").as_deref(), Some("live"));
+}
+
+/// A device bound to a kernel driver is removed by unbinding it: its name
+/// goes into the driver's sysfs `unbind` (a fake sysfs here), and the
+/// kernel's `unbind` event completes the removal.
+#[test]
+fn removing_a_driver_bound_device_unbinds_it_and_waits_for_the_kernel() {
+    let dir = TempDir::unique("unbind");
+    let device = "sys/devices/pci0000:00/0000:00:14.0/usb1/1-1";
+    let drivers_dir = dir.0.join("sys/bus/usb/drivers/usb");
+    std::fs::create_dir_all(dir.0.join(device)).expect("fake device");
+    std::fs::create_dir_all(&drivers_dir).expect("fake driver");
+    std::fs::write(drivers_dir.join("unbind"), "").expect("fake unbind");
+    std::os::unix::fs::symlink(&drivers_dir, dir.0.join(device).join("driver")).expect("link");
+    let fifo = dir.0.join("events");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo")
+        .success());
+    let bus = TestBus::start();
+    let (fifo_arg, root_arg) = (
+        fifo.to_string_lossy().into_owned(),
+        dir.0.to_string_lossy().into_owned(),
+    );
+    let _daemon = Daemon::start_with_args(
+        &bus,
+        &[
+            "--replay",
+            &fifo_arg,
+            "--sysfs-root",
+            &root_arg,
+            "--subsystems",
+            "usb",
+        ],
+    );
+    let mut events = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fifo)
+        .expect("open the FIFO");
+    let devpath = "/devices/pci0000:00/0000:00:14.0/usb1/1-1";
+    let block = |action: &str, seq: u32| {
+        format!(
+            "KERNEL[{seq}.0] {action} {devpath} (usb)\nACTION={action}\nDEVPATH={devpath}\n\
+             SUBSYSTEM=usb\nDEVTYPE=usb_device\nDRIVER=usb\nSEQNUM={seq}\n\n"
+        )
+    };
+    events.write_all(block("add", 1).as_bytes()).expect("write");
+    events.flush().expect("flush");
+    wait_for(|| state(&bus, "1-1").is_some(), "the usb device");
+    let dev: serde_json::Value =
+        serde_json::from_str(&ok(&bus, &["--json", "show", "1-1"])).expect("JSON");
+    let dev_id = dev["id"].to_string();
+    assert!(dev["driver"].is_string(), "bound at once: {dev}");
+
+    ok(&bus, &["remove", "1-1"]);
+    wait_for(
+        || std::fs::read_to_string(drivers_dir.join("unbind")).is_ok_and(|s| s == "1-1"),
+        "devmgrd to write 1-1 to the driver's unbind",
+    );
+    assert_eq!(state(&bus, &dev_id).as_deref(), Some("removing"));
+    let mut unbind = block("unbind", 2);
+    unbind = unbind.replace("DRIVER=usb\n", "");
+    events.write_all(unbind.as_bytes()).expect("write");
+    events.flush().expect("flush");
+    wait_for(
+        || state(&bus, &dev_id).is_none(),
+        "the unbound device to be removed",
+    );
 }

@@ -1,0 +1,144 @@
+//! The kernel's own word on bindings (`kernel_bound`, `kernel_unbound`):
+//! recorded as given, never probed or refused for state, and an `unbind`
+//! that a removal asked for completes that removal.
+
+use std::sync::Arc;
+
+use drivers::{AddRequest, Effect, Event, Kind, Model, ObjectId, Origin, RemoveOptions, State};
+
+fn udev_device(model: &mut Model, name: &str, handler: Option<&str>) -> ObjectId {
+    let mut req = AddRequest::new(Kind::Device, name);
+    req.origin = Origin::Udev;
+    req.subsystem = "net".into();
+    req.sys_path = format!("/sys/devices/virtual/net/{name}");
+    req.handler = handler.map(str::to_owned);
+    let id = model.add(req).expect("add");
+    model.take_events();
+    id
+}
+
+fn driver(model: &mut Model, name: &str) -> ObjectId {
+    let id = model
+        .add(AddRequest::new(Kind::Driver, name))
+        .expect("driver");
+    model.take_events();
+    id
+}
+
+fn checked(model: &Model) {
+    model.check_invariants().expect("invariants");
+}
+
+#[test]
+fn the_kernel_binds_rebinds_and_unbinds() {
+    let mut m = Model::default();
+    let dev = udev_device(&mut m, "eth7", None);
+    let (e1000, igb) = (driver(&mut m, "e1000"), driver(&mut m, "igb"));
+
+    m.kernel_bound(dev, e1000).expect("bind");
+    assert_eq!(
+        m.take_events(),
+        [Event::Bound {
+            id: dev,
+            driver: e1000
+        }]
+    );
+    m.kernel_bound(dev, e1000).expect("bind again");
+    assert_eq!(m.take_events(), [], "a repeated bind changes nothing");
+    m.kernel_bound(dev, igb).expect("rebind");
+    assert_eq!(
+        m.take_events(),
+        [
+            Event::Unbound {
+                id: dev,
+                driver: e1000
+            },
+            Event::Bound {
+                id: dev,
+                driver: igb
+            }
+        ]
+    );
+    checked(&m);
+    m.kernel_unbound(dev).expect("unbind");
+    assert_eq!(
+        m.take_events(),
+        [Event::Unbound {
+            id: dev,
+            driver: igb
+        }]
+    );
+    m.kernel_unbound(dev).expect("unbind again");
+    assert_eq!(m.take_events(), []);
+    checked(&m);
+
+    // Held or stopped makes no difference: the kernel has already done it.
+    let holder = Arc::new(drivers::Holder {
+        key: 1,
+        bus_name: ":1.1".into(),
+        uid: 0,
+        pid: 1,
+    });
+    m.acquire(dev, holder, "busy", 0).expect("acquire");
+    m.stop(dev).expect("stop");
+    m.take_events();
+    m.kernel_bound(dev, e1000)
+        .expect("bind while stopped and held");
+    m.kernel_unbound(dev).expect("unbind while held");
+    assert_eq!(m.state(dev).expect("state"), State::Stopped);
+    checked(&m);
+
+    assert!(
+        m.kernel_bound(dev, dev).is_err(),
+        "only a driver can be bound to"
+    );
+    assert!(
+        m.kernel_bound(e1000, igb).is_err(),
+        "a driver cannot be bound"
+    );
+}
+
+#[test]
+fn an_unbind_asked_for_by_a_removal_completes_it() {
+    let mut m = Model::default();
+    let dev = udev_device(&mut m, "eth8", Some(drivers::kernel::UNBIND));
+    let e1000 = driver(&mut m, "e1000");
+    m.kernel_bound(dev, e1000).expect("bind");
+    m.take_events();
+    m.remove(dev, RemoveOptions::default(), 0).expect("remove");
+    let effects = m.take_effects();
+    assert!(
+        matches!(&effects[..], [Effect::Exit { action, .. }] if action.verb == drivers::kernel::verbs::DRIVER_UNBIND),
+        "{effects:?}"
+    );
+    assert_eq!(m.state(dev).expect("state"), State::Removing);
+    m.take_events();
+    // The kernel confirms: the object leaves the model.
+    m.kernel_unbound(dev).expect("unbound");
+    assert!(!m.contains(dev));
+    checked(&m);
+}
+
+#[test]
+fn a_driver_removal_waiting_on_a_binding_completes_when_the_kernel_unbinds() {
+    let mut m = Model::default();
+    let dev = udev_device(&mut m, "eth9", Some(drivers::kernel::UNBIND));
+    let e1000 = driver(&mut m, "e1000");
+    m.kernel_bound(dev, e1000).expect("bind");
+    let holder = Arc::new(drivers::Holder {
+        key: 1,
+        bus_name: ":1.1".into(),
+        uid: 0,
+        pid: 1,
+    });
+    m.acquire(dev, holder, "busy", 0).expect("acquire");
+    m.take_events();
+    let report = m
+        .remove(e1000, RemoveOptions::default(), 0)
+        .expect("remove driver");
+    assert_eq!(report.outcome, drivers::RemoveOutcome::Pending);
+    m.kernel_unbound(dev).expect("unbound");
+    assert!(!m.contains(e1000), "the driver went once nothing was bound");
+    assert!(m.contains(dev));
+    checked(&m);
+}
