@@ -126,6 +126,8 @@ fn reconcile(known: &Known, devices: Vec<UEvent>) -> (Vec<UEvent>, Vec<UEvent>) 
             sys_name: path.rsplit('/').next().unwrap_or_default().to_owned(),
             devtype: None,
             driver: None,
+            sys_path_old: None,
+            properties: Default::default(),
         })
         .collect();
     vanished.reverse(); // children (longer paths) before their parents
@@ -186,11 +188,7 @@ fn apply(model: &mut Model, known: &mut Known, event: UEvent) {
             request.origin = proto::Origin::Udev;
             request.subsystem = event.subsystem.clone();
             request.sys_path = event.sys_path.clone();
-            if let Some(devtype) = &event.devtype {
-                request
-                    .attributes
-                    .insert("udev.devtype".into(), devtype.clone());
-            }
+            request.attributes = event.attributes();
             match model.add(request) {
                 Ok(id) => {
                     if let Some(driver) = &event.driver {
@@ -250,9 +248,44 @@ fn apply(model: &mut Model, known: &mut Known, event: UEvent) {
                 tracing::warn!("recording the unbinding of {}: {e}", event.sys_path);
             }
         }
-        // Attribute changes and renames of real devices come with the next
-        // part of udev ingestion (issue 5).
-        _ => {}
+        Action::Change => {
+            let Some(id) = live(model, known, &event.sys_path) else {
+                return;
+            };
+            if let Err(e) = model.set_attributes(id, event.attributes()) {
+                tracing::warn!("recording the change of {}: {e}", event.sys_path);
+            }
+        }
+        Action::Move => {
+            let Some(old) = event.sys_path_old.as_deref() else {
+                return;
+            };
+            let Some(id) = live(model, known, old) else {
+                return;
+            };
+            if let Err(e) = model.kernel_renamed(id, &event.sys_name, &event.sys_path) {
+                tracing::warn!("recording {old} renamed {}: {e}", event.sys_path);
+                return;
+            }
+            // It and everything known below it now live under the new path.
+            let prefix = format!("{old}/");
+            let moved: Vec<String> = std::iter::once(old.to_owned())
+                .chain(
+                    known
+                        .by_sys_path
+                        .range(prefix.clone()..)
+                        .take_while(|(path, _)| path.starts_with(&prefix))
+                        .map(|(path, _)| path.clone()),
+                )
+                .collect();
+            for path in moved {
+                if let Some(entry) = known.by_sys_path.remove(&path) {
+                    let new = format!("{}{}", event.sys_path, &path[old.len()..]);
+                    known.by_sys_path.insert(new, entry);
+                }
+            }
+        }
+        Action::Other => {}
     }
 }
 

@@ -142,6 +142,33 @@ async fn publish(
             iface.cache().info.last_error = error;
             iface.last_error_changed(iref.signal_emitter()).await?;
         }
+        Event::AttributesChanged { id, attributes } => {
+            let iref = object(server, id).await?;
+            let iface = iref.get().await;
+            iface.cache().info.attributes = attributes;
+            iface.attributes_changed(iref.signal_emitter()).await?;
+        }
+        Event::Renamed { id, name, sys_path } => {
+            let iref = object(server, id).await?;
+            {
+                let iface = iref.get().await;
+                let mut cache = iface.cache();
+                cache.info.name = name.clone();
+                cache.info.sys_path = sys_path.clone();
+            }
+            // Name and SysPath change together: one PropertiesChanged.
+            let changed = HashMap::from([
+                ("Name", Variant::from(name.to_string())),
+                ("SysPath", Variant::from(sys_path)),
+            ]);
+            zbus::fdo::Properties::properties_changed(
+                iref.signal_emitter(),
+                InterfaceName::from_static_str_unchecked(proto::OBJECT_INTERFACE),
+                changed,
+                Cow::Borrowed(&[]),
+            )
+            .await?;
+        }
         Event::ReleaseRequested {
             id, waiting_for, ..
         } => {

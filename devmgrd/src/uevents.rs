@@ -52,6 +52,11 @@ fn from_device(action: Action, seqnum: u64, device: &udev::Device) -> UEvent {
         sys_name: device.sysname().to_string_lossy().into_owned(),
         devtype: text(device.devtype()),
         driver: text(device.driver()),
+        sys_path_old: text(device.property_value("DEVPATH_OLD")).map(|old| format!("/sys{old}")),
+        properties: drivers::uevent::KEPT_PROPERTIES
+            .iter()
+            .filter_map(|k| Some(((*k).to_owned(), text(device.property_value(k))?)))
+            .collect(),
     }
 }
 

@@ -81,6 +81,22 @@ pub enum Event {
         /// The error text; empty when the last action succeeded.
         error: Arc<str>,
     },
+    /// The kernel changed what it says of a real device (a `change` uevent).
+    AttributesChanged {
+        /// The object.
+        id: ObjectId,
+        /// All its attributes now.
+        attributes: std::collections::BTreeMap<String, String>,
+    },
+    /// The kernel renamed a real device (a `move` uevent).
+    Renamed {
+        /// The object.
+        id: ObjectId,
+        /// Its new name.
+        name: Arc<str>,
+        /// Its new sysfs path.
+        sys_path: String,
+    },
     /// An object left the model for good.
     Removed {
         /// Its id (never to be used again).
@@ -107,6 +123,8 @@ impl Event {
             | Event::Revoked { id, .. }
             | Event::ReleaseRequested { id, .. }
             | Event::ErrorChanged { id, .. }
+            | Event::AttributesChanged { id, .. }
+            | Event::Renamed { id, .. }
             | Event::Removed { id, .. } => *id,
         }
     }

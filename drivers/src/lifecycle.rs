@@ -1372,6 +1372,56 @@ impl Model {
         Ok(())
     }
 
+    /// The kernel changed what it says of `id` (a `change` uevent): its
+    /// attributes become `attributes`. Nothing is emitted if they are the same.
+    pub fn set_attributes(
+        &mut self,
+        id: ObjectId,
+        attributes: BTreeMap<String, String>,
+    ) -> Result<()> {
+        let key = self.key(id)?;
+        validate::attributes(&attributes)?;
+        if self.obj(key).attributes.to_map() == attributes {
+            return Ok(());
+        }
+        self.obj_mut(key).attributes = crate::Attributes::from_map(&attributes);
+        self.events
+            .push(Event::AttributesChanged { id, attributes });
+        Ok(())
+    }
+
+    /// The kernel renamed `id` (a `move` uevent). Refused, changing nothing,
+    /// if another object of its kind has the new name.
+    pub fn kernel_renamed(&mut self, id: ObjectId, name: &str, sys_path: &str) -> Result<()> {
+        let key = self.key(id)?;
+        validate::name(name)?;
+        let (kind, gone, old) = {
+            let o = self.obj(key);
+            (o.kind, o.gone, o.name.clone())
+        };
+        let old_path = self.obj(key).view().sys_path.to_owned();
+        if *old == *name && old_path == sys_path {
+            return Ok(());
+        }
+        let name: Arc<str> = Arc::from(name);
+        if *old != *name {
+            self.require_free_name(kind, &name)?;
+            // A gone object's name is already free (rule 8); it stays unindexed.
+            if !gone {
+                self.names[kind_slot(kind)].remove(&*old);
+                self.names[kind_slot(kind)].insert(name.clone(), key);
+            }
+            self.obj_mut(key).name = name.clone();
+        }
+        self.obj_mut(key).extra_mut().sys_path = sys_path.to_owned();
+        self.events.push(Event::Renamed {
+            id,
+            name,
+            sys_path: sys_path.to_owned(),
+        });
+        Ok(())
+    }
+
     /// The kernel bound `id` to `driver` (a `bind` uevent, or `DRIVER=` on a
     /// device that appeared bound). The kernel has done it: nothing is
     /// probed and no state is checked; a previous binding is replaced.

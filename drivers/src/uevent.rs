@@ -4,7 +4,7 @@
 //! format) that `devmgrd --replay` and the benchmarks share. Parsing never
 //! panics: a malformed block is a [`ReplayError`] naming its line.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
 
 /// Which events to listen to.
@@ -61,6 +61,41 @@ pub struct UEvent {
     /// The kind within the subsystem (`disk`, `partition`, `scsi_device`…).
     pub devtype: Option<String>,
     pub driver: Option<String>,
+    /// For a `move`: the sys path it had before.
+    pub sys_path_old: Option<String>,
+    /// The properties worth showing as attributes ([`KEPT_PROPERTIES`]).
+    pub properties: BTreeMap<String, String>,
+}
+
+/// The uevent properties kept as an object's attributes (`udev.<KEY>`):
+/// what identifies a device to a person. The rest (timestamps, links,
+/// rule flags) changes often and says little.
+pub const KEPT_PROPERTIES: &[&str] = &[
+    "DEVNAME",
+    "MAJOR",
+    "MINOR",
+    "IFINDEX",
+    "ID_VENDOR",
+    "ID_MODEL",
+    "ID_SERIAL",
+    "ID_FS_TYPE",
+    "ID_FS_UUID",
+    "ID_FS_LABEL",
+];
+
+impl UEvent {
+    /// The attributes an object for this device carries.
+    pub fn attributes(&self) -> BTreeMap<String, String> {
+        let mut attributes: BTreeMap<String, String> = self
+            .properties
+            .iter()
+            .map(|(k, v)| (format!("udev.{k}"), v.clone()))
+            .collect();
+        if let Some(devtype) = &self.devtype {
+            attributes.insert("udev.devtype".into(), devtype.clone());
+        }
+        attributes
+    }
 }
 
 /// A block that could not be read, by line.
@@ -226,6 +261,11 @@ impl Parser {
             sys_name,
             devtype: p.get("DEVTYPE").cloned(),
             driver: p.get("DRIVER").cloned(),
+            sys_path_old: p.get("DEVPATH_OLD").map(|old| format!("/sys{old}")),
+            properties: KEPT_PROPERTIES
+                .iter()
+                .filter_map(|k| Some(((*k).to_owned(), p.get(*k)?.clone())))
+                .collect(),
         }))
     }
 }

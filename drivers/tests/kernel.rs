@@ -142,3 +142,56 @@ fn a_driver_removal_waiting_on_a_binding_completes_when_the_kernel_unbinds() {
     assert!(m.contains(dev));
     checked(&m);
 }
+
+#[test]
+fn the_kernel_renames_and_changes_attributes() {
+    let mut m = Model::default();
+    let dev = udev_device(&mut m, "eth3", None);
+    let other = udev_device(&mut m, "wan0", None);
+
+    m.kernel_renamed(dev, "lan0", "/sys/devices/virtual/net/lan0")
+        .expect("rename");
+    assert_eq!(
+        m.take_events(),
+        [Event::Renamed {
+            id: dev,
+            name: "lan0".into(),
+            sys_path: "/sys/devices/virtual/net/lan0".into()
+        }]
+    );
+    assert_eq!(m.find(Kind::Device, "lan0").expect("new name"), dev);
+    assert!(
+        m.find(Kind::Device, "eth3").is_err(),
+        "the old name is free"
+    );
+    assert!(
+        m.kernel_renamed(dev, "wan0", "/sys/devices/virtual/net/wan0")
+            .is_err(),
+        "a taken name is refused"
+    );
+    assert_eq!(m.take_events(), []);
+    assert_eq!(m.find(Kind::Device, "wan0").expect("untouched"), other);
+    checked(&m);
+
+    let attributes: std::collections::BTreeMap<String, String> =
+        [("udev.ID_FS_TYPE".to_owned(), "ext4".to_owned())].into();
+    m.set_attributes(dev, attributes.clone()).expect("change");
+    assert_eq!(
+        m.take_events(),
+        [Event::AttributesChanged {
+            id: dev,
+            attributes: attributes.clone()
+        }]
+    );
+    m.set_attributes(dev, attributes).expect("the same again");
+    assert_eq!(m.take_events(), [], "no change, no event");
+    assert_eq!(
+        m.get(dev)
+            .expect("info")
+            .attributes
+            .get("udev.ID_FS_TYPE")
+            .map(String::as_str),
+        Some("ext4")
+    );
+    checked(&m);
+}

@@ -485,7 +485,10 @@ impl Run {
                 Event::Unbound { id, .. } => {
                     self.shadow.bound_to.remove(id);
                 }
-                Event::ReleaseRequested { .. } | Event::ErrorChanged { .. } => {
+                Event::ReleaseRequested { .. }
+                | Event::ErrorChanged { .. }
+                | Event::AttributesChanged { .. }
+                | Event::Renamed { .. } => {
                     prop_assert!(self.shadow.alive.contains(&id) || self.model.contains(id));
                 }
             }

@@ -246,6 +246,12 @@ impl World {
                     )
                 }
                 Event::ErrorChanged { id, error } => format!("error {} {error}", self.name(id)),
+                Event::AttributesChanged { id, attributes } => {
+                    format!("attributes {} {attributes:?}", self.name(id))
+                }
+                Event::Renamed { id, name, sys_path } => {
+                    format!("renamed {} {name} {sys_path}", self.name(id))
+                }
                 Event::Removed { kind, name, .. } => format!("removed {kind} {name}"),
             })
             .collect()

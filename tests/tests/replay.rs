@@ -238,3 +238,53 @@ fn removing_a_driver_bound_device_unbinds_it_and_waits_for_the_kernel() {
         "the unbound device to be removed",
     );
 }
+
+/// A `change` uevent updates the attributes people see (the kept udev
+/// properties), with one PropertiesChanged.
+#[test]
+fn a_change_event_updates_the_attributes() {
+    let dir = TempDir::unique("change");
+    std::fs::create_dir_all(&dir.0).expect("temp dir");
+    let fifo = dir.0.join("events");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo")
+        .success());
+    let bus = TestBus::start();
+    let fifo_arg = fifo.to_string_lossy().into_owned();
+    let _daemon = Daemon::start_with_args(&bus, &["--replay", &fifo_arg]);
+    let mut events = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fifo)
+        .expect("open the FIFO");
+    let devpath = "/devices/virtual/block/loop77";
+    let block = |action: &str, seq: u32, extra: &str| {
+        format!(
+            "UDEV  [{seq}.0] {action} {devpath} (block)\nACTION={action}\nDEVPATH={devpath}\n\
+             SUBSYSTEM=block\nDEVTYPE=disk\nDEVNAME=/dev/loop77\nMAJOR=7\nMINOR=77\n{extra}SEQNUM={seq}\n\n"
+        )
+    };
+    events
+        .write_all(block("add", 1, "").as_bytes())
+        .expect("write");
+    events.flush().expect("flush");
+    wait_for(|| state(&bus, "loop77").is_some(), "the loop device");
+    let attributes = |bus: &TestBus| -> serde_json::Value {
+        serde_json::from_str::<serde_json::Value>(&ok(bus, &["--json", "show", "loop77"]))
+            .expect("JSON")["attributes"]
+            .clone()
+    };
+    assert_eq!(attributes(&bus)["udev.DEVNAME"], "/dev/loop77");
+    assert!(attributes(&bus)["udev.ID_FS_TYPE"].is_null());
+    events
+        .write_all(block("change", 2, "ID_FS_TYPE=ext4\nID_FS_LABEL=data\n").as_bytes())
+        .expect("write");
+    events.flush().expect("flush");
+    wait_for(
+        || attributes(&bus)["udev.ID_FS_TYPE"] == "ext4",
+        "the new attributes",
+    );
+    assert_eq!(attributes(&bus)["udev.ID_FS_LABEL"], "data");
+    assert_eq!(attributes(&bus)["udev.MINOR"], "77");
+}

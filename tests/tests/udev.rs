@@ -522,3 +522,41 @@ async fn an_overflowing_event_socket_is_resynchronised() {
     })
     .await;
 }
+
+/// A real rename (`ip link set … name …` sends a `move` uevent): the same
+/// object takes the new name and sys path; the old name is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renamed_interface_keeps_its_object() {
+    let bus = TestBus::start();
+    let _daemon =
+        Daemon::start_with_args(&bus, &["--udev-source", "kernel", "--subsystems", "net"]);
+    let client = Client::connect(&bus.address).await;
+    let mut veth = Veth::create("dmr");
+    eventually("the veth on the bus", || async {
+        find(&client, &veth.name).await.is_some()
+    })
+    .await;
+    let path = find(&client, &veth.name).await.expect("the veth");
+    let renamed = format!("{}z", &veth.name[..veth.name.len() - 1]);
+    let out = Command::new("ip")
+        .args(["link", "set", "dev", &veth.name, "name", &renamed])
+        .output()
+        .expect("ip");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let old = std::mem::replace(&mut veth.name, renamed.clone());
+    eventually("the new name on the bus", || async {
+        find(&client, &renamed).await.as_ref() == Some(&path)
+    })
+    .await;
+    assert!(find(&client, &old).await.is_none(), "the old name is free");
+    let object = client.object(&path).await;
+    assert_eq!(
+        object.sys_path().await.expect("SysPath"),
+        format!("/sys/devices/virtual/net/{renamed}")
+    );
+    assert_eq!(object.name().await.expect("Name"), renamed);
+}
