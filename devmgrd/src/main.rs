@@ -206,6 +206,9 @@ async fn run(args: Args) -> Result<(), String> {
         );
     }
     tracing::info!("serving {} on the {label} bus", proto::BUS_NAME);
+    let bus_gone = bus_lost(&conn, &label)
+        .await
+        .map_err(|e| format!("cannot watch the bus connection: {e}"))?;
     let lost = tokio::select! {
         () = wait_for_shutdown() => None,
         why = async {
@@ -214,6 +217,9 @@ async fn run(args: Args) -> Result<(), String> {
                 None => std::future::pending().await,
             }
         } => Some(why),
+        // Without the bus there is nothing to serve: exit non-zero, so that
+        // a service manager restarts the daemon.
+        why = bus_gone => Some(why),
     };
     tracing::info!("shutting down");
     let _ = conn.release_name(proto::BUS_NAME).await;
@@ -224,6 +230,29 @@ async fn run(args: Args) -> Result<(), String> {
         None => Ok(()),
         Some(why) => Err(why),
     }
+}
+
+/// Resolves when the bus connection closes, or the bus takes our name away.
+async fn bus_lost(
+    conn: &zbus::Connection,
+    label: &str,
+) -> zbus::Result<impl std::future::Future<Output = String>> {
+    use futures_util::StreamExt;
+    let rule = zbus::MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .sender("org.freedesktop.DBus")
+        .member("NameLost")
+        .arg(0, proto::BUS_NAME)
+        .build()?;
+    let mut stream = zbus::MessageStream::for_match_rule(rule, conn, None).await?;
+    let label = label.to_owned();
+    Ok(async move {
+        match stream.next().await {
+            Some(Ok(_)) => format!("lost the name {} on the {label} bus", proto::BUS_NAME),
+            Some(Err(e)) => format!("lost the connection to the {label} bus: {e}"),
+            None => format!("lost the connection to the {label} bus"),
+        }
+    })
 }
 
 async fn wait_for_shutdown() {

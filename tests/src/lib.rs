@@ -133,7 +133,8 @@ fn newest_source(dir: &Path) -> Option<(PathBuf, std::time::SystemTime)> {
 
 /// A private session-type dbus-daemon in its own directory.
 pub struct TestBus {
-    child: Child,
+    /// The dbus-daemon process.
+    pub child: Child,
     /// Its address, `unix:path=…`.
     pub address: String,
     _dir: TempDir,

@@ -73,3 +73,26 @@ fn a_killed_daemon_takes_its_bus_along_and_a_new_one_starts_cleanly() {
         .status
         .success());
 }
+
+/// Bus loss (issue 6): when the bus goes away, devmgrd has nothing to serve
+/// and exits non-zero with a clear line, so a service manager restarts it.
+#[test]
+fn losing_the_bus_ends_the_daemon_with_an_error() {
+    let mut bus = TestBus::start();
+    let mut daemon = Daemon::start(&bus);
+    bus.child.kill().expect("SIGKILL the bus");
+    let _ = bus.child.wait();
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = daemon.child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "devmgrd still runs without its bus"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(!status.success(), "{status}");
+    daemon.wait_for_log("lost the connection to the");
+}
