@@ -1,0 +1,193 @@
+//! The bus policy file (data/org.devmgr.DevMgr1.conf, issue 6) loaded into
+//! a private *system-type* dbus-daemon built from the machine's own
+//! system.conf: only root may own the name, and anyone may call it — an
+//! unprivileged caller (`nobody`, through setpriv) reaches the daemon, and
+//! cannot take its name. Whether a call may change anything is the
+//! daemon's decision, not the bus's.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use devmgr_tests::*;
+
+/// The stock system bus configuration, listening on `socket`, with our
+/// policy file included and what a private test bus must not do (fork,
+/// switch user, write a pid file, activate services) taken out.
+fn system_config(socket: &Path, policy: &Path) -> String {
+    let stock = std::fs::read_to_string("/usr/share/dbus-1/system.conf")
+        .expect("/usr/share/dbus-1/system.conf (package dbus)");
+    let mut out = String::new();
+    for line in stock.lines() {
+        let t = line.trim();
+        let drop = [
+            "<user>",
+            "<fork/>",
+            "<pidfile>",
+            "<syslog/>",
+            "<servicehelper>",
+            "<standard_system_servicedirs/>",
+            "<include",
+            "<includedir>",
+        ]
+        .iter()
+        .any(|p| t.starts_with(p));
+        if drop {
+            continue;
+        }
+        if t.starts_with("<listen>") {
+            out.push_str(&format!(
+                "  <listen>unix:path={}</listen>\n",
+                socket.display()
+            ));
+            continue;
+        }
+        if t == "</busconfig>" {
+            out.push_str(&format!("  <include>{}</include>\n", policy.display()));
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+struct SystemBus {
+    child: Child,
+    address: String,
+    _dir: TempDir,
+}
+
+impl Drop for SystemBus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_system_bus() -> SystemBus {
+    let dir = TempDir::unique("system-bus");
+    std::fs::create_dir_all(&dir.0).expect("temp dir");
+    let socket = dir.0.join("system_bus_socket");
+    let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/org.devmgr.DevMgr1.conf");
+    let config = dir.0.join("system.conf");
+    std::fs::write(&config, system_config(&socket, &policy)).expect("config");
+    let child = Command::new("dbus-daemon")
+        .arg(format!("--config-file={}", config.display()))
+        .arg("--nofork")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("dbus-daemon");
+    wait_for(|| socket.exists(), "the system-type bus socket");
+    SystemBus {
+        child,
+        address: format!("unix:path={}", socket.display()),
+        _dir: dir,
+    }
+}
+
+/// Runs `program args` as `nobody`.
+fn as_nobody(program: &str, args: &[&str]) -> std::process::Output {
+    Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
+        .arg(program)
+        .args(args)
+        .output()
+        .expect("setpriv (package util-linux)")
+}
+
+#[test]
+fn only_root_owns_the_name_and_anyone_may_call() {
+    let bus = start_system_bus();
+    let devmgrd = Command::new(binary("devmgrd"))
+        .args(["--no-udev", "--bus", &bus.address])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("devmgrd");
+    let _daemon = KillOnDrop(devmgrd);
+    wait_for(
+        || {
+            busctl_at(&bus.address, &["status", proto::BUS_NAME])
+                .status
+                .success()
+        },
+        "devmgrd (root) to own its name on the system-type bus",
+    );
+
+    // nobody may call: a property read and a method call both reach devmgrd.
+    let out = as_nobody(
+        "busctl",
+        &[
+            "--address",
+            &bus.address,
+            "get-property",
+            proto::BUS_NAME,
+            proto::MANAGER_PATH,
+            proto::MANAGER_INTERFACE,
+            "Version",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "nobody cannot read a property: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = as_nobody(
+        "busctl",
+        &[
+            "--address",
+            &bus.address,
+            "call",
+            proto::BUS_NAME,
+            proto::MANAGER_PATH,
+            proto::MANAGER_INTERFACE,
+            "FindObject",
+            "ss",
+            "driver",
+            "sim-scsi",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "nobody cannot call: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // nobody may not own the name.
+    let own = "import dbus,sys\n\
+               b = dbus.bus.BusConnection(sys.argv[1])\n\
+               try:\n    b.request_name('org.devmgr.DevMgr1', dbus.bus.NAME_FLAG_DO_NOT_QUEUE)\n    print('owned')\n\
+               except dbus.exceptions.DBusException as e:\n    print(e.get_dbus_name())";
+    let out = as_nobody("/usr/bin/python3", &["-c", own, &bus.address]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        said.trim(),
+        "org.freedesktop.DBus.Error.AccessDenied",
+        "{said} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Without our policy file nobody could not even call (the stock default
+    // denies method calls): the file is what opens the door.
+    let out = as_nobody(
+        "busctl",
+        &[
+            "--address",
+            &bus.address,
+            "call",
+            "org.freedesktop.DBus",
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus.Debug.Stats",
+            "GetStats",
+        ],
+    );
+    assert!(!out.status.success(), "the stock policy is not in force");
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
