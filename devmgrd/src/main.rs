@@ -55,6 +55,10 @@ struct Args {
     /// provoke an overflow and the resynchronisation that follows).
     #[arg(long, value_name = "BYTES", default_value_t = uevents::RECEIVE_BUFFER, hide = true)]
     udev_receive_buffer: usize,
+    /// Most references one client connection may hold at once (0: no
+    /// limit). Past it, Acquire answers QuotaExceeded.
+    #[arg(long, value_name = "N", default_value_t = 4096)]
+    max_references_per_client: u32,
     /// The kernel subsystems to model, comma-separated.
     #[arg(
         long,
@@ -126,6 +130,7 @@ async fn run(args: Args) -> Result<(), String> {
     model
         .add(AddRequest::new(Kind::Driver, proto::SIM_SCSI_DRIVER))
         .map_err(|e| format!("cannot create the sim-scsi driver: {e}"))?;
+    model.set_reference_quota(Some(args.max_references_per_client).filter(|&n| n > 0));
     let actuation = effects::Actuation {
         enabled: !args.no_actuate,
         sysfs_root: args.sysfs_root.clone(),

@@ -4,7 +4,7 @@
 //! names are never reused during a bus's life, so a cached answer cannot
 //! name a different process.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -17,6 +17,8 @@ use zbus::{fdo, Connection};
 #[derive(Clone)]
 pub struct Peers {
     known: Arc<Mutex<HashMap<String, Arc<Holder>>>>,
+    /// Callers already warned about (a quota reached): logged once each.
+    warned: Arc<Mutex<HashSet<String>>>,
     next_key: Arc<AtomicU64>,
     bus: fdo::DBusProxy<'static>,
 }
@@ -30,16 +32,21 @@ impl Peers {
             .await?;
         let peers = Peers {
             known: Arc::default(),
+            warned: Arc::default(),
             next_key: Arc::new(AtomicU64::new(1)),
             bus,
         };
         let mut departures = peers.bus.receive_name_owner_changed().await?;
         let known = Arc::downgrade(&peers.known);
+        let warned = Arc::downgrade(&peers.warned);
         tokio::spawn(async move {
             while let Some(signal) = departures.next().await {
                 let Ok(args) = signal.args() else { continue };
                 if args.new_owner().is_some() || !args.name().starts_with(':') {
                     continue;
+                }
+                if let Some(warned) = warned.upgrade() {
+                    lock(&warned).remove(args.name().as_str());
                 }
                 let Some(known) = known.upgrade() else { break };
                 let mut known = lock(&known);
@@ -77,6 +84,15 @@ impl Peers {
             .entry(sender.to_string())
             .or_insert(holder)
             .clone())
+    }
+}
+
+impl Peers {
+    /// Logs `why` for `sender` the first time only (until it leaves the bus).
+    pub fn warn_once(&self, sender: &UniqueName<'_>, why: &str) {
+        if lock(&self.warned).insert(sender.to_string()) {
+            tracing::warn!("{sender}: {why} (further refusals for it are not logged)");
+        }
     }
 }
 

@@ -233,7 +233,12 @@ impl ObjectIface {
             .map_err(|e| proto::Error::QuotaExceeded(format!("cannot make a handle: {e}")))?;
         let reference = self
             .run(move |m, id| m.acquire(id, holder, reason, now_micros()))
-            .await?;
+            .await;
+        if let Err(proto::Error::QuotaExceeded(why)) = &reference {
+            // Once per client, not once per refused call.
+            self.shared.peers.warn_once(sender, why);
+        }
+        let reference = reference?;
         self.shared
             .handles
             .watch(self.shared.handle.clone(), reference, ours);

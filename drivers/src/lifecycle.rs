@@ -412,6 +412,19 @@ impl Model {
         if self.refs.len() >= MAX_SLOTS - 1 || self.next_ref.exhausted() {
             return Err(Error::new(ErrorKind::QuotaExceeded, "too many references"));
         }
+        if let Some(quota) = self.reference_quota {
+            let held = self.held_by.get(&holder.key).copied().unwrap_or(0);
+            if held >= quota {
+                return Err(Error::new(
+                    ErrorKind::QuotaExceeded,
+                    format!(
+                        "{} holds {held} references; the limit per client is {quota}",
+                        holder.bus_name
+                    ),
+                ));
+            }
+            *self.held_by.entry(holder.key).or_insert(0) += 1;
+        }
         let rkey = self.refs.vacant_key() as Key;
         let reference = RefId(compose(self.next_ref.next(), rkey));
         let head = self.obj(key).ref_head;
@@ -462,6 +475,14 @@ impl Model {
     /// Removes a reference from the indexes; returns the object it was on.
     fn detach_ref(&mut self, rkey: Key) -> Key {
         let r = self.refs.remove(rkey as usize);
+        if self.reference_quota.is_some() {
+            if let Some(held) = self.held_by.get_mut(&r.holder.key) {
+                *held -= 1;
+                if *held == 0 {
+                    self.held_by.remove(&r.holder.key);
+                }
+            }
+        }
         if r.next != NONE {
             self.refs[r.next as usize].prev = r.prev;
         }

@@ -239,6 +239,11 @@ pub struct Model {
     /// went); settled at its end, since settling mid-walk could change an
     /// object the walk has yet to visit.
     pub(crate) deferred: Vec<(Key, ObjectId)>,
+    /// Most references one holder (by [`Holder::key`]) may have, if limited.
+    pub(crate) reference_quota: Option<u32>,
+    /// References per holder key; kept only while a quota is set, so the
+    /// unlimited engine pays nothing for it.
+    pub(crate) held_by: FxHashMap<u64, u32>,
 }
 
 impl Default for Model {
@@ -271,6 +276,21 @@ impl Model {
             events: Vec::new(),
             effects: Vec::new(),
             deferred: Vec::new(),
+            reference_quota: None,
+            held_by: FxHashMap::default(),
+        }
+    }
+
+    /// Limits how many references one holder (one client connection, for
+    /// the daemon) may have at once; `None` lifts the limit. Past it,
+    /// `acquire` is refused with `QuotaExceeded` and changes nothing.
+    pub fn set_reference_quota(&mut self, quota: Option<u32>) {
+        self.reference_quota = quota;
+        self.held_by.clear();
+        if quota.is_some() {
+            for (_, r) in self.refs.iter() {
+                *self.held_by.entry(r.holder.key).or_insert(0) += 1;
+            }
         }
     }
 
@@ -453,6 +473,15 @@ impl Model {
     /// Checks every link and derived count against a recount from scratch.
     /// Cost is linear in the model; meant for tests and debug assertions.
     pub fn check_invariants(&self) -> std::result::Result<(), String> {
+        if self.reference_quota.is_some() {
+            let mut held: FxHashMap<u64, u32> = FxHashMap::default();
+            for (_, r) in self.refs.iter() {
+                *held.entry(r.holder.key).or_insert(0) += 1;
+            }
+            if held != self.held_by {
+                return Err("references per holder do not match a recount".into());
+            }
+        }
         let mut pending = 0u32;
         let mut total_refs = 0usize;
         let mut seen_names = 0usize;

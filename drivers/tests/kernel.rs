@@ -195,3 +195,33 @@ fn the_kernel_renames_and_changes_attributes() {
     );
     checked(&m);
 }
+
+#[test]
+fn a_reference_quota_refuses_past_the_limit_and_recovers() {
+    let mut m = Model::default();
+    m.set_reference_quota(Some(2));
+    let dev = udev_device(&mut m, "eth4", None);
+    let holder = |key: u64| {
+        Arc::new(drivers::Holder {
+            key,
+            bus_name: format!(":1.{key}"),
+            uid: 1000,
+            pid: 1,
+        })
+    };
+    let (a, b) = (holder(1), holder(2));
+    let first = m.acquire(dev, a.clone(), "one", 0).expect("1st");
+    m.acquire(dev, a.clone(), "two", 0).expect("2nd");
+    m.take_events();
+    let err = m
+        .acquire(dev, a.clone(), "three", 0)
+        .expect_err("3rd refused");
+    assert_eq!(err.kind, drivers::ErrorKind::QuotaExceeded);
+    assert_eq!(m.take_events(), [], "a refusal changes nothing");
+    m.acquire(dev, b, "other client", 0)
+        .expect("another holder is not limited by it");
+    m.release(first).expect("release");
+    m.acquire(dev, a, "three again", 0)
+        .expect("room again after a release");
+    checked(&m);
+}

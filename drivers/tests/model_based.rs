@@ -145,8 +145,12 @@ const SECOND: u64 = 1_000_000;
 
 impl Run {
     fn new() -> Self {
+        // A per-holder quota far above what a sequence takes, so that every
+        // step also checks the per-holder count against a recount.
+        let mut model = Model::default();
+        model.set_reference_quota(Some(1 << 20));
         Run {
-            model: Model::default(),
+            model,
             shadow: Shadow::default(),
             holder: Arc::new(Holder {
                 key: 7,

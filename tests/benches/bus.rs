@@ -333,7 +333,9 @@ fn main() {
         }
         if wants("interference") {
             let bus = TestBus::start();
-            let _daemon = Daemon::start(&bus);
+            // One setup client holds all 10,000 references: no per-client cap.
+            let _daemon =
+                Daemon::start_with_args(&bus, &["--no-udev", "--max-references-per-client", "0"]);
             interference(&bus).await;
         }
         if wants("managed") {

@@ -244,3 +244,63 @@ async fn concurrent_churn_ends_on_the_true_ref_count() {
     assert!(released.is_some(), "not every reference was released");
     assert_eq!(last_ref_count(&log.drain()).as_deref(), Some("0"));
 }
+
+/// Quotas (issue 6): one client may hold at most N references (here 3);
+/// the next Acquire gets QuotaExceeded, changes nothing, and is logged once
+/// however often it repeats; other clients are not affected; letting go of
+/// one makes room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_reference_quota_is_reached_and_recovered_from() {
+    let bus = TestBus::start();
+    let daemon = Daemon::start_with_args(&bus, &["--no-udev", "--max-references-per-client", "3"]);
+    let greedy = Client::connect(&bus.address).await;
+    let other = Client::connect(&bus.address).await;
+    let host = greedy.add_host("scarce").await;
+    let object = greedy.object(&host).await;
+    let mut fds = Vec::new();
+    for _ in 0..3 {
+        fds.push(
+            object
+                .acquire("mine", none())
+                .await
+                .expect("within the quota"),
+        );
+    }
+    for _ in 0..5 {
+        let refused = object
+            .acquire("one more", none())
+            .await
+            .expect_err("refused");
+        assert_eq!(
+            error_name(&refused),
+            "org.devmgr.DevMgr1.Error.QuotaExceeded"
+        );
+    }
+    assert_eq!(
+        greedy.ref_count(&host).await,
+        Some(3),
+        "a refusal changes nothing"
+    );
+    let _theirs = other.acquire(&host).await;
+    assert_eq!(
+        greedy.ref_count(&host).await,
+        Some(4),
+        "another client is not limited"
+    );
+
+    drop(fds.pop());
+    let room = within(std::time::Duration::from_secs(10), || async {
+        greedy.ref_count(&host).await == Some(3)
+    })
+    .await;
+    assert!(room.is_some(), "the released reference never went");
+    fds.push(object.acquire("again", none()).await.expect("room again"));
+
+    let (_, log) = daemon.terminate();
+    assert_eq!(
+        log.matches("further refusals for it are not logged")
+            .count(),
+        1,
+        "logged once, not per call:\n{log}"
+    );
+}
