@@ -27,8 +27,8 @@ pub struct Batch {
     pub counts: (u32, u32),
     /// The holders, after the command, of every object whose references changed.
     pub holders: std::collections::HashMap<ObjectId, Vec<ReferenceInfo>>,
-    /// The command's reply, to send after the events are published.
-    pub deliver: Deliver,
+    /// The commands' replies, in order, to send after the events are published.
+    pub deliver: Vec<Deliver>,
 }
 
 /// A cheap, cloneable way to send commands to the owner.
@@ -79,6 +79,10 @@ impl ModelHandle {
 }
 
 /// Starts the owner task; returns the handle and the stream of batches.
+/// Most commands run between two publications (bounds how long the first
+/// one's reply waits for the others).
+const MAX_JOBS_PER_BATCH: usize = 256;
+
 pub fn spawn(
     mut model: Model,
     actuation: crate::effects::Actuation,
@@ -111,7 +115,17 @@ pub fn spawn(
                     }
                 }
             };
-            let deliver = job(&mut model);
+            // Run every command already queued (up to a bound) before
+            // publishing: one holders snapshot per object for all of them.
+            // A burst (thousands of holders dying at once) would otherwise
+            // copy an object's whole holder list once per release.
+            let mut deliver = vec![job(&mut model)];
+            while deliver.len() < MAX_JOBS_PER_BATCH {
+                match jobs_rx.try_recv() {
+                    Ok(job) => deliver.push(job(&mut model)),
+                    Err(_) => break,
+                }
+            }
             // Driver actions run elsewhere; their completion is a later command.
             for effect in model.take_effects() {
                 let _ = effects.send(effect);
@@ -125,6 +139,8 @@ pub fn spawn(
                     | Event::Revoked { id, .. } => Some(*id),
                     _ => None,
                 })
+                .collect::<std::collections::HashSet<_>>()
+                .into_iter()
                 .filter_map(|id| model.holders(id).ok().map(|h| (id, h)))
                 .collect();
             let batch = Batch {

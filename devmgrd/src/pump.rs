@@ -85,7 +85,7 @@ pub async fn run(conn: Connection, shared: Shared, mut batches: mpsc::UnboundedR
                 }
             }
             counts = batch.counts;
-            replies.push(batch.deliver);
+            replies.extend(batch.deliver);
         }
         // Most commands (reference churn above all) change neither count.
         if counts != published_counts {
