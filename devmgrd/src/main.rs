@@ -1,6 +1,7 @@
 //! devmgrd: the devmgr daemon. Owns the device model and serves it on D-Bus
 //! as `org.devmgr.DevMgr1` (shared/DESIGN.md §3).
 
+mod authz;
 mod bus;
 mod effects;
 mod errors;
@@ -55,6 +56,14 @@ struct Args {
     /// provoke an overflow and the resynchronisation that follows).
     #[arg(long, value_name = "BYTES", default_value_t = uevents::RECEIVE_BUFFER, hide = true)]
     udev_receive_buffer: usize,
+    /// Members of this group may change things (add, remove, stop,
+    /// re-enable, bind, unbind), as root and the daemon's own user may.
+    #[arg(long, value_name = "GROUP")]
+    authorized_group: Option<String>,
+    /// Taking a reference (Acquire) needs the same rights as a change
+    /// (by default anyone may).
+    #[arg(long)]
+    restrict_acquire: bool,
     /// Most references one client connection may hold at once (0: no
     /// limit). Past it, Acquire answers QuotaExceeded.
     #[arg(long, value_name = "N", default_value_t = 4096)]
@@ -97,10 +106,12 @@ async fn main() -> ExitCode {
 async fn serve(
     builder: connection::Builder<'_>,
     handle: &owner::ModelHandle,
+    authz: &authz::Authorizer,
     label: &str,
 ) -> Result<zbus::Connection, (bool, String)> {
     let manager = service::Manager {
         handle: handle.clone(),
+        authz: authz.clone(),
         object_count: 0.into(),
         pending_removals: 0.into(),
     };
@@ -136,6 +147,18 @@ async fn run(args: Args) -> Result<(), String> {
         sysfs_root: args.sysfs_root.clone(),
     };
     let (handle, batches) = owner::spawn(model, actuation);
+    let group = match &args.authorized_group {
+        None => None,
+        Some(name) => Some((name.clone(), authz::group_id(name)?)),
+    };
+    let authz = authz::Authorizer {
+        policy: std::sync::Arc::new(authz::Policy {
+            own_uid: proto::runtime::current_uid(),
+            group,
+            restrict_acquire: args.restrict_acquire,
+        }),
+        peers: peers::Peers::default(),
+    };
     let runtime_dir = args.runtime_dir.clone().unwrap_or_else(bus::runtime_dir);
     let auto = args.bus == bus::BusChoice::Auto;
     let choice = args.bus.resolve();
@@ -147,7 +170,7 @@ async fn run(args: Args) -> Result<(), String> {
         bus::BusChoice::Embedded | bus::BusChoice::Auto => None,
     };
     let conn = match shared {
-        Some((builder, label)) => match serve(builder, &handle, &label).await {
+        Some((builder, label)) => match serve(builder, &handle, &authz, &label).await {
             Ok(conn) => Some((conn, label)),
             Err((true, why)) if auto => {
                 tracing::warn!("{why}; serving on an embedded bus instead");
@@ -166,6 +189,7 @@ async fn run(args: Args) -> Result<(), String> {
             let conn = serve(
                 connection::Builder::address(address.as_str()),
                 &handle,
+                &authz,
                 "embedded",
             )
             .await
@@ -177,12 +201,15 @@ async fn run(args: Args) -> Result<(), String> {
             (conn, "embedded".to_owned())
         }
     };
+    authz
+        .peers
+        .watch_departures(&conn)
+        .await
+        .map_err(|e| format!("cannot watch the bus's connections: {e}"))?;
     let shared = service::Shared {
         handle: handle.clone(),
         handles: handles::Handles::default(),
-        peers: peers::Peers::start(&conn)
-            .await
-            .map_err(|e| format!("cannot watch the bus's connections: {e}"))?,
+        authz: authz.clone(),
     };
     tokio::spawn(pump::run(conn.clone(), shared, batches));
     // Publish what the model already holds (the sim-scsi driver).

@@ -15,6 +15,7 @@ use zbus::message::Header;
 use zbus::object_server::SignalEmitter;
 use zbus::{interface, ObjectPath, OwnedFd, OwnedObjectPath, OwnedVariant};
 
+use crate::authz::Verb;
 use crate::errors::{bad_option, from_engine, from_owner};
 use crate::owner::{now_micros, ModelHandle};
 
@@ -69,6 +70,7 @@ fn flag(options: &mut Options, key: &str) -> Result<bool, proto::Error> {
 /// it waits for its reply, and the pump must update them meanwhile.
 pub struct Manager {
     pub(crate) handle: ModelHandle,
+    pub(crate) authz: crate::authz::Authorizer,
     pub(crate) object_count: AtomicU32,
     pub(crate) pending_removals: AtomicU32,
 }
@@ -83,7 +85,10 @@ impl Manager {
         name: String,
         parent: OwnedObjectPath,
         mut options: Options,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] header: Header<'_>,
     ) -> Result<OwnedObjectPath, proto::Error> {
+        self.authz.allow(conn, &header, Verb::Add).await?;
         let kind: Kind = kind
             .parse()
             .map_err(|e| proto::Error::InvalidArgument(format!("{e}")))?;
@@ -162,7 +167,7 @@ impl Manager {
 pub struct Shared {
     pub handle: ModelHandle,
     pub handles: crate::handles::Handles,
-    pub peers: crate::peers::Peers,
+    pub authz: crate::authz::Authorizer,
 }
 
 /// What an object's properties show; the pump keeps it current.
@@ -222,13 +227,16 @@ impl ObjectIface {
         &self,
         reason: String,
         options: Options,
+        #[zbus(connection)] conn: &zbus::Connection,
         #[zbus(header)] header: Header<'_>,
     ) -> Result<OwnedFd, proto::Error> {
         no_options(&options)?;
-        let sender = header
-            .sender()
-            .ok_or_else(|| proto::Error::AccessDenied("the call has no sender".into()))?;
-        let holder = self.shared.peers.holder(sender).await?;
+        let caller = self
+            .shared
+            .authz
+            .allow(conn, &header, Verb::Acquire)
+            .await?;
+        let holder = caller.holder.clone();
         let (theirs, ours) = std::io::pipe()
             .map_err(|e| proto::Error::QuotaExceeded(format!("cannot make a handle: {e}")))?;
         let reference = self
@@ -236,7 +244,9 @@ impl ObjectIface {
             .await;
         if let Err(proto::Error::QuotaExceeded(why)) = &reference {
             // Once per client, not once per refused call.
-            self.shared.peers.warn_once(sender, why);
+            if let Some(sender) = header.sender() {
+                self.shared.authz.peers.warn_once(sender, why);
+            }
         }
         let reference = reference?;
         self.shared
@@ -251,7 +261,10 @@ impl ObjectIface {
     async fn remove(
         &self,
         mut options: Options,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] header: Header<'_>,
     ) -> Result<(String, Vec<OwnedObjectPath>), proto::Error> {
+        self.shared.authz.allow(conn, &header, Verb::Remove).await?;
         use proto::remove_options as keys;
         let force = flag(&mut options, keys::FORCE)?;
         let dry_run = flag(&mut options, keys::DRY_RUN)?;
@@ -277,13 +290,28 @@ impl ObjectIface {
     }
 
     /// Refuses new users; keeps the object. Cancels a pending removal.
-    async fn stop(&self, options: Options) -> Result<(), proto::Error> {
+    async fn stop(
+        &self,
+        options: Options,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] header: Header<'_>,
+    ) -> Result<(), proto::Error> {
+        self.shared.authz.allow(conn, &header, Verb::Stop).await?;
         no_options(&options)?;
         self.run(|m, id| m.stop(id)).await
     }
 
     /// Back to `live`, cancelling a pending removal and what it caused.
-    async fn reenable(&self, options: Options) -> Result<(), proto::Error> {
+    async fn reenable(
+        &self,
+        options: Options,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] header: Header<'_>,
+    ) -> Result<(), proto::Error> {
+        self.shared
+            .authz
+            .allow(conn, &header, Verb::Reenable)
+            .await?;
         no_options(&options)?;
         self.run(|m, id| m.reenable(id)).await
     }
@@ -293,7 +321,10 @@ impl ObjectIface {
         &self,
         driver: OwnedObjectPath,
         mut options: Options,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] header: Header<'_>,
     ) -> Result<(), proto::Error> {
+        self.shared.authz.allow(conn, &header, Verb::Bind).await?;
         let driver = required(&driver, "driver")?;
         let luns = optional_u32(&mut options, proto::add_options::LUNS)?;
         no_options(&options)?;
@@ -302,7 +333,13 @@ impl ObjectIface {
     }
 
     /// Unbinds from its driver (option `force` (b) revokes references).
-    async fn unbind(&self, mut options: Options) -> Result<(), proto::Error> {
+    async fn unbind(
+        &self,
+        mut options: Options,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] header: Header<'_>,
+    ) -> Result<(), proto::Error> {
+        self.shared.authz.allow(conn, &header, Verb::Unbind).await?;
         let force = flag(&mut options, "force")?;
         no_options(&options)?;
         self.run(move |m, id| m.unbind(id, force)).await

@@ -191,3 +191,105 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// Calls every mutation, then Acquire, as the current user of the python
+/// process, on host `h` (driver sim-scsi); prints one line per call: the
+/// D-Bus error name, or `ok`.
+const EVERY_CALL: &str = r#"import dbus, sys
+bus = dbus.bus.BusConnection(sys.argv[1])
+m = dbus.Interface(bus.get_object("org.devmgr.DevMgr1", "/org/devmgr/DevMgr1"), "org.devmgr.DevMgr1.Manager")
+host = m.FindObject("host", "h")
+drv = m.FindObject("driver", "sim-scsi")
+o = dbus.Interface(bus.get_object("org.devmgr.DevMgr1", host), "org.devmgr.DevMgr1.Object")
+none = dbus.Dictionary({}, signature="sv")
+calls = [
+    ("Add", lambda: m.Add("host", "intruder", dbus.ObjectPath("/"), none)),
+    ("Stop", lambda: o.Stop(none)),
+    ("Reenable", lambda: o.Reenable(none)),
+    ("Bind", lambda: o.Bind(drv, none)),
+    ("Unbind", lambda: o.Unbind(none)),
+    ("Remove", lambda: o.Remove(none)),
+    ("Acquire", lambda: o.Acquire("look", none)),
+]
+for name, call in calls:
+    try:
+        call()
+        print(name, "ok")
+    except dbus.exceptions.DBusException as e:
+        print(name, e.get_dbus_name())
+"#;
+
+fn run_every_call(address: &str, groups: Option<&str>) -> String {
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid=nobody", "--regid=nogroup"]);
+    match groups {
+        Some(g) => c.arg(format!("--groups={g}")),
+        None => c.arg("--clear-groups"),
+    };
+    let out = c
+        .args(["--", "/usr/bin/python3", "-c", EVERY_CALL, address])
+        .output()
+        .expect("setpriv + python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Authorization (issue 6): on the system-type bus, an unprivileged caller
+/// may take references but change nothing; members of --authorized-group may.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unprivileged_caller_may_acquire_but_not_change_anything() {
+    let bus = start_system_bus();
+    let gid = std::fs::read_to_string("/etc/group")
+        .expect("/etc/group")
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("disk:x:")
+                .and_then(|r| r.split(':').next().map(str::to_owned))
+        })
+        .expect("a disk group");
+    let devmgrd = Command::new(binary("devmgrd"))
+        .args([
+            "--no-udev",
+            "--bus",
+            &bus.address,
+            "--authorized-group",
+            "disk",
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("devmgrd");
+    let _daemon = KillOnDrop(devmgrd);
+    wait_for(
+        || {
+            busctl_at(&bus.address, &["status", proto::BUS_NAME])
+                .status
+                .success()
+        },
+        "devmgrd on the system-type bus",
+    );
+    let root = Client::connect(&bus.address).await;
+    let host = root.add_host("h").await;
+
+    let denied = "org.devmgr.DevMgr1.Error.AccessDenied";
+    assert_eq!(
+        run_every_call(&bus.address, None),
+        format!(
+            "Add {denied}\nStop {denied}\nReenable {denied}\nBind {denied}\nUnbind {denied}\n\
+             Remove {denied}\nAcquire ok\n"
+        )
+    );
+    // The denials changed nothing.
+    assert_eq!(root.state(&host).await.as_deref(), Some("live"));
+    assert!(root.manager.find_object("host", "intruder").await.is_err());
+
+    // A member of the authorized group may.
+    let allowed = run_every_call(&bus.address, Some(&gid));
+    assert_eq!(
+        allowed,
+        "Add ok\nStop ok\nReenable ok\nBind ok\nUnbind ok\nRemove ok\nAcquire org.freedesktop.DBus.Error.UnknownObject\n"
+    );
+}
