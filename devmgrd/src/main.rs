@@ -68,6 +68,14 @@ struct Args {
     /// limit). Past it, Acquire answers QuotaExceeded.
     #[arg(long, value_name = "N", default_value_t = 4096)]
     max_references_per_client: u32,
+    /// Most objects the model may hold when a client adds more (0: no
+    /// limit); real devices are modelled regardless.
+    #[arg(long, value_name = "N", default_value_t = 1_000_000)]
+    max_objects: usize,
+    /// Most objects one client connection may have added that still exist
+    /// (0: no limit). Past it, Add answers QuotaExceeded.
+    #[arg(long, value_name = "N", default_value_t = 65_536)]
+    max_objects_per_client: u32,
     /// The kernel subsystems to model, comma-separated.
     #[arg(
         long,
@@ -142,6 +150,8 @@ async fn run(args: Args) -> Result<(), String> {
         .add(AddRequest::new(Kind::Driver, proto::SIM_SCSI_DRIVER))
         .map_err(|e| format!("cannot create the sim-scsi driver: {e}"))?;
     model.set_reference_quota(Some(args.max_references_per_client).filter(|&n| n > 0));
+    model.set_object_limit(Some(args.max_objects).filter(|&n| n > 0));
+    model.set_added_quota(Some(args.max_objects_per_client).filter(|&n| n > 0));
     let actuation = effects::Actuation {
         enabled: !args.no_actuate,
         sysfs_root: args.sysfs_root.clone(),

@@ -88,7 +88,7 @@ impl Manager {
         #[zbus(connection)] conn: &zbus::Connection,
         #[zbus(header)] header: Header<'_>,
     ) -> Result<OwnedObjectPath, proto::Error> {
-        self.authz.allow(conn, &header, Verb::Add).await?;
+        let caller = self.authz.allow(conn, &header, Verb::Add).await?;
         let kind: Kind = kind
             .parse()
             .map_err(|e| proto::Error::InvalidArgument(format!("{e}")))?;
@@ -105,12 +105,17 @@ impl Manager {
         }
         request.probe.luns = optional_u32(&mut options, proto::add_options::LUNS)?;
         no_options(&options)?;
+        request.added_by = Some(caller.holder.key);
         let id = self
             .handle
             .call(move |m| m.add(request))
             .await
             .map_err(from_owner)?
-            .map_err(from_engine)?;
+            .map_err(from_engine);
+        if let (Err(proto::Error::QuotaExceeded(why)), Some(sender)) = (&id, header.sender()) {
+            self.authz.peers.warn_once(sender, why);
+        }
+        let id = id?;
         Ok(path_of(Some(id)))
     }
 

@@ -45,6 +45,9 @@ pub struct AddRequest {
     /// The driver implementation that tears the real thing down on removal
     /// (udev objects); without one, a udev object cannot be removed.
     pub handler: Option<String>,
+    /// Who asks (the daemon: the caller's holder key), for the per-client
+    /// quota on objects added ([`Model::set_added_quota`]).
+    pub added_by: Option<u64>,
 }
 
 impl AddRequest {
@@ -61,6 +64,7 @@ impl AddRequest {
             subsystem: String::new(),
             sys_path: String::new(),
             handler: None,
+            added_by: None,
         }
     }
 
@@ -202,6 +206,32 @@ impl Model {
             }
         };
 
+        // The limits a site sets on what clients add (real devices are
+        // modelled whatever their number: the machine bounds them).
+        if req.origin == Origin::Api {
+            let new = 1 + binding.as_ref().map_or(0, |(_, found)| found.len());
+            if let Some(limit) = self.object_limit {
+                if self.objects.len() + new > limit {
+                    return Err(Error::new(
+                        ErrorKind::QuotaExceeded,
+                        format!(
+                            "the model holds {} objects and this would add {new}; the limit is {limit}",
+                            self.objects.len()
+                        ),
+                    ));
+                }
+            }
+        }
+        if let (Some(quota), Some(by)) = (self.added_quota, req.added_by) {
+            let added = self.added_count.get(&by).copied().unwrap_or(0);
+            if added >= quota {
+                return Err(Error::new(
+                    ErrorKind::QuotaExceeded,
+                    format!("this client has added {added} objects still present; the limit per client is {quota}"),
+                ));
+            }
+        }
+
         let key = self.insert_object(Object {
             id: ObjectId(0),
             name: Arc::from(req.name),
@@ -233,6 +263,10 @@ impl Model {
                 extra.sys_path = req.sys_path;
                 extra.implementation = implementation;
             }
+        }
+        if let (Some(_), Some(by)) = (self.added_quota, req.added_by) {
+            self.obj_mut(key).extra_mut().added_by = Some(by);
+            *self.added_count.entry(by).or_insert(0) += 1;
         }
         let id = self.obj(key).id;
         self.events.push(Event::Added(Box::new(self.info(key))));
@@ -700,6 +734,14 @@ impl Model {
         }
         let o = self.objects.remove(key as usize);
         debug_assert!(o.ref_count == 0 && o.children.is_empty() && o.bound().is_empty());
+        if let Some(by) = o.extra.as_deref().and_then(|e| e.added_by) {
+            if let Some(n) = self.added_count.get_mut(&by) {
+                *n -= 1;
+                if *n == 0 {
+                    self.added_count.remove(&by);
+                }
+            }
+        }
         let state = o.state();
         if state == State::Removing {
             self.pending -= 1;

@@ -113,6 +113,8 @@ pub(crate) struct Extra {
     pub(crate) bound: Vec<Key>,
     /// For a driver: the implementation behind it.
     pub(crate) implementation: Option<ImplId>,
+    /// The client that added it, while a per-client quota is counted.
+    pub(crate) added_by: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -244,6 +246,12 @@ pub struct Model {
     /// References per holder key; kept only while a quota is set, so the
     /// unlimited engine pays nothing for it.
     pub(crate) held_by: FxHashMap<u64, u32>,
+    /// Most objects the model may hold when a client adds more, if limited.
+    pub(crate) object_limit: Option<usize>,
+    /// Most objects one client may have added (still present), if limited.
+    pub(crate) added_quota: Option<u32>,
+    /// Objects still present per client that added them (with a quota only).
+    pub(crate) added_count: FxHashMap<u64, u32>,
 }
 
 impl Default for Model {
@@ -278,7 +286,22 @@ impl Model {
             deferred: Vec::new(),
             reference_quota: None,
             held_by: FxHashMap::default(),
+            object_limit: None,
+            added_quota: None,
+            added_count: FxHashMap::default(),
         }
+    }
+
+    /// Limits how many objects the model may hold when a client adds one
+    /// (with what its driver scans); real devices are modelled regardless.
+    pub fn set_object_limit(&mut self, limit: Option<usize>) {
+        self.object_limit = limit;
+    }
+
+    /// Limits how many objects one client (`AddRequest::added_by`) may have
+    /// added and still present; set it before any are added.
+    pub fn set_added_quota(&mut self, quota: Option<u32>) {
+        self.added_quota = quota;
     }
 
     /// Limits how many references one holder (one client connection, for
@@ -473,6 +496,17 @@ impl Model {
     /// Checks every link and derived count against a recount from scratch.
     /// Cost is linear in the model; meant for tests and debug assertions.
     pub fn check_invariants(&self) -> std::result::Result<(), String> {
+        if self.added_quota.is_some() {
+            let mut added: FxHashMap<u64, u32> = FxHashMap::default();
+            for (_, o) in self.objects.iter() {
+                if let Some(by) = o.extra.as_deref().and_then(|e| e.added_by) {
+                    *added.entry(by).or_insert(0) += 1;
+                }
+            }
+            if added != self.added_count {
+                return Err("objects per adding client do not match a recount".into());
+            }
+        }
         if self.reference_quota.is_some() {
             let mut held: FxHashMap<u64, u32> = FxHashMap::default();
             for (_, r) in self.refs.iter() {

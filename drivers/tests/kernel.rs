@@ -1,6 +1,7 @@
-//! The kernel's own word on bindings (`kernel_bound`, `kernel_unbound`):
-//! recorded as given, never probed or refused for state, and an `unbind`
-//! that a removal asked for completes that removal.
+//! The engine's operations for real devices and site limits: the kernel's
+//! own word on bindings, renames and attributes (recorded as given; an
+//! `unbind` that a removal asked for completes it), and the quotas on
+//! references and added objects (refused past the limit, changing nothing).
 
 use std::sync::Arc;
 
@@ -223,5 +224,40 @@ fn a_reference_quota_refuses_past_the_limit_and_recovers() {
     m.release(first).expect("release");
     m.acquire(dev, a, "three again", 0)
         .expect("room again after a release");
+    checked(&m);
+}
+
+#[test]
+fn object_limits_bound_what_clients_add_but_not_real_devices() {
+    let mut m = Model::default();
+    m.set_added_quota(Some(2));
+    let add = |m: &mut Model, name: &str, by: u64| {
+        let mut req = AddRequest::new(Kind::Host, name);
+        req.added_by = Some(by);
+        m.add(req)
+    };
+    let first = add(&mut m, "a1", 1).expect("1st");
+    add(&mut m, "a2", 1).expect("2nd");
+    let refused = add(&mut m, "a3", 1).expect_err("3rd refused");
+    assert_eq!(refused.kind, drivers::ErrorKind::QuotaExceeded);
+    add(&mut m, "b1", 2).expect("another client is not limited by it");
+    m.remove(first, RemoveOptions::default(), 0)
+        .expect("remove");
+    add(&mut m, "a3", 1).expect("room again after a removal");
+    checked(&m);
+
+    // A global cap (here 5 objects: three hosts, the sim-scsi driver, one
+    // more) refuses API objects past it, scans included, never real devices.
+    let sim = m
+        .add(AddRequest::new(Kind::Driver, "sim-scsi"))
+        .expect("sim-scsi");
+    m.set_object_limit(Some(5));
+    let mut big = AddRequest::new(Kind::Host, "big").driver(sim).luns(3);
+    big.added_by = Some(3);
+    let refused = m.add(big).expect_err("1 + 3 LUNs past the cap");
+    assert_eq!(refused.kind, drivers::ErrorKind::QuotaExceeded);
+    add(&mut m, "c1", 3).expect("one more fits");
+    assert!(add(&mut m, "c2", 3).is_err(), "full");
+    udev_device(&mut m, "eth0", None);
     checked(&m);
 }
