@@ -895,9 +895,11 @@ impl Model {
             self.finish_removal(k);
         }
         let o = self.obj(key);
-        if o.is_idle() && o.removal.is_some() {
-            // The force made a pending object idle: its removal goes first,
-            // through the driver, and unbinds it as it completes.
+        if o.is_idle() && (o.removal.is_some() || o.gone) {
+            // The force made a pending (or kernel-gone) object idle: its
+            // removal goes first, and unbinds it as it completes. (Found by
+            // the engine_commands fuzz target: a gone object was left
+            // behind, idle.)
             self.settle(key);
         } else {
             self.unbind_now(key);
@@ -991,12 +993,35 @@ impl Model {
                 req
             }
         };
+        // Whoever may be waiting on the root: if it goes at once, they may
+        // be free now (found by fuzzing: a parent whose own removal waited
+        // on this object, after its driver action had failed, stayed
+        // pending although idle).
+        let above: Vec<(Key, ObjectId)> = [self.obj(key).parent, self.obj(key).driver]
+            .into_iter()
+            .filter(|&k| k != NONE)
+            .map(|k| (k, self.obj(k).id))
+            .collect();
         if self.obj(key).kind == Kind::Driver {
             self.remove_driver(key, req);
         } else {
             for &(k, kid) in &affected {
                 if self.alive(k, kid) {
                     self.cascade_step(k, req, key);
+                }
+            }
+        }
+        if !self.contains(id) {
+            self.deferred.extend(above);
+        }
+        if options.force {
+            // The revocations may have freed objects that a driver's pending
+            // removal holds back while they are in use: settle them too, at
+            // the end (found by fuzzing: one whose own removal then waited
+            // on a failed child kept a stale hold).
+            for &(k, kid) in &affected {
+                if self.alive(k, kid) && self.obj(k).unbind_hold.is_some() {
+                    self.deferred.push((k, kid));
                 }
             }
         }
@@ -1495,6 +1520,12 @@ impl Model {
             return Err(Error::invalid_argument(
                 "only a host or device can be bound, and only to a driver",
             ));
+        }
+        if self.obj(key).gone {
+            return Err(Error::invalid_state(format!(
+                "{} is gone from the kernel: it cannot be bound",
+                self.describe(key)
+            )));
         }
         let old = self.obj(key).driver;
         if old == d {

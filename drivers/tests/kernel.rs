@@ -261,3 +261,32 @@ fn object_limits_bound_what_clients_add_but_not_real_devices() {
     udev_device(&mut m, "eth0", None);
     checked(&m);
 }
+
+/// Found by fuzzing (drivers/fuzz, engine_commands): a held device the
+/// kernel removed (`gone`) was bound again by `kernel_bound`, then unbound
+/// with force, which revoked its last reference and left it behind, idle.
+/// A gone device can no longer be bound, and a forced unbind that makes a
+/// gone object idle removes it.
+#[test]
+fn a_gone_device_cannot_be_bound_and_goes_when_let_go() {
+    let mut m = Model::default();
+    let dev = udev_device(&mut m, "sdz", None);
+    let e1000 = driver(&mut m, "e1000");
+    let holder = Arc::new(drivers::Holder {
+        key: 1,
+        bus_name: ":1.1".into(),
+        uid: 0,
+        pid: 1,
+    });
+    let reference = m.acquire(dev, holder, "busy", 0).expect("acquire");
+    m.kernel_removed(dev).expect("kernel removal");
+    assert_eq!(m.state(dev).expect("state"), State::Gone);
+    assert!(
+        m.kernel_bound(dev, e1000).is_err(),
+        "a gone device was bound"
+    );
+    checked(&m);
+    m.release(reference).expect("release");
+    assert!(!m.contains(dev));
+    checked(&m);
+}

@@ -1,0 +1,169 @@
+//! The engine-commands interpreter shared by the fuzz target and by
+//! drivers/tests/fuzz_regressions.rs: any bytes as a sequence of engine
+//! commands (4 bytes each), real-device operations and quotas included;
+//! panics if a command panics or breaks an invariant.
+
+use std::sync::Arc;
+
+use drivers::{
+    AddRequest, Effect, Holder, Kind, Model, ObjectId, OnTimeout, Origin, RefId, RemoveOptions,
+};
+
+fn pick<T: Copy>(list: &[T], i: u8) -> Option<T> {
+    (!list.is_empty()).then(|| list[usize::from(i) % list.len()])
+}
+
+/// Runs `data` as engine commands, checking the invariants after each;
+/// `trace` prints each command and its events.
+pub fn run(data: &[u8], trace: bool) {
+    let mut m = Model::default();
+    m.set_reference_quota(Some(6));
+    m.set_added_quota(Some(12));
+    m.set_object_limit(Some(64));
+    let holders: Vec<Arc<Holder>> = (0..3)
+        .map(|k| {
+            Arc::new(Holder {
+                key: k,
+                bus_name: format!(":1.{k}"),
+                uid: 0,
+                pid: 1,
+            })
+        })
+        .collect();
+    let mut ids: Vec<ObjectId> = Vec::new();
+    let mut refs: Vec<RefId> = Vec::new();
+    let mut exiting: Vec<ObjectId> = Vec::new();
+    let mut now = 0u64;
+    for (n, cmd) in data.chunks_exact(4).take(256).enumerate() {
+        let (op, a, b, c) = (cmd[0] % 18, cmd[1], cmd[2], cmd[3]);
+        let name = format!("o{n}");
+        match op {
+            0 => {
+                let mut req = AddRequest::new(
+                    Kind::Driver,
+                    if c & 1 == 0 { "sim-scsi".into() } else { name },
+                );
+                req.added_by = Some(u64::from(b % 3));
+                ids.extend(m.add(req).ok());
+            }
+            1 | 2 => {
+                let mut req =
+                    AddRequest::new(if op == 1 { Kind::Host } else { Kind::Device }, name);
+                req.parent = pick(&ids, a).filter(|_| c & 1 == 1);
+                req.driver = pick(&ids, b).filter(|_| c & 2 == 2);
+                if c & 4 == 4 {
+                    req.probe.luns = Some(u32::from(c >> 5));
+                }
+                if c & 8 == 8 {
+                    req.origin = Origin::Udev;
+                    req.subsystem = "block".into();
+                    req.sys_path = format!("/sys/devices/virtual/block/o{n}");
+                    req.handler = Some(drivers::kernel::LOOP.into());
+                } else {
+                    req.added_by = Some(u64::from(b % 3));
+                }
+                if c & 16 == 16 {
+                    req.attributes.insert(
+                        "sim.exit".into(),
+                        ["ok", "fail", "async"][usize::from(a % 3)].into(),
+                    );
+                }
+                ids.extend(m.add(req).ok());
+            }
+            3 => {
+                if let Some(id) = pick(&ids, a) {
+                    let holder = holders[usize::from(b % 3)].clone();
+                    refs.extend(m.acquire(id, holder, "fuzz", now).ok());
+                }
+            }
+            4 => {
+                if let Some(r) = pick(&refs, a) {
+                    let _ = m.release(r);
+                }
+            }
+            5 => {
+                if let Some(id) = pick(&ids, a) {
+                    let options = RemoveOptions {
+                        force: c & 1 == 1,
+                        dry_run: c & 2 == 2,
+                        timeout: (c & 4 == 4).then(|| {
+                            (
+                                u64::from(b % 3) * 1_000_000,
+                                if c & 8 == 8 {
+                                    OnTimeout::Cancel
+                                } else {
+                                    OnTimeout::Revoke
+                                },
+                            )
+                        }),
+                    };
+                    let _ = m.remove(id, options, now);
+                }
+            }
+            6 => drop(pick(&ids, a).map(|id| m.stop(id))),
+            7 => drop(pick(&ids, a).map(|id| m.reenable(id))),
+            8 => {
+                if let (Some(id), Some(d)) = (pick(&ids, a), pick(&ids, b)) {
+                    let options = drivers::ProbeOptions {
+                        luns: (c & 1 == 1).then_some(u32::from(c >> 6)),
+                    };
+                    let _ = m.bind(id, d, options);
+                }
+            }
+            9 => drop(pick(&ids, a).map(|id| m.unbind(id, c & 1 == 1))),
+            10 => drop(pick(&ids, a).map(|id| m.kernel_removed(id))),
+            11 => {
+                if let Some(id) = pick(&exiting, a) {
+                    let result = if c & 1 == 1 {
+                        Ok(())
+                    } else {
+                        Err("fuzzed failure".to_owned())
+                    };
+                    let _ = m.exit_finished(id, result);
+                }
+            }
+            12 => {
+                now += u64::from(a) * 100_000;
+                m.tick(now);
+            }
+            13 => {
+                if let (Some(id), Some(d)) = (pick(&ids, a), pick(&ids, b)) {
+                    let _ = m.kernel_bound(id, d);
+                }
+            }
+            14 => drop(pick(&ids, a).map(|id| m.kernel_unbound(id))),
+            15 => {
+                if let Some(id) = pick(&ids, a) {
+                    let new = format!("r{n}");
+                    let _ = m.kernel_renamed(
+                        id,
+                        if c & 1 == 1 { &new } else { "o0" },
+                        "/sys/devices/x",
+                    );
+                }
+            }
+            16 => {
+                if let Some(id) = pick(&ids, a) {
+                    let mut attributes = std::collections::BTreeMap::new();
+                    attributes.insert(format!("k{b}"), format!("v{c}"));
+                    let _ = m.set_attributes(id, attributes);
+                }
+            }
+            _ => {
+                let quota = (c & 1 == 1).then_some(u32::from(b % 8));
+                m.set_reference_quota(quota);
+            }
+        }
+        for effect in m.take_effects() {
+            let Effect::Exit { id, .. } = effect;
+            exiting.push(id);
+        }
+        let events = m.take_events();
+        if trace {
+            eprintln!("{n}: {cmd:?} -> {events:?}");
+        }
+        if let Err(e) = m.check_invariants() {
+            panic!("after command {n} ({cmd:?}): {e}");
+        }
+    }
+}
