@@ -27,9 +27,9 @@ fn state(bus: &TestBus, obj: &str) -> Option<String> {
     v["state"].as_str().map(str::to_owned)
 }
 
-#[test]
-fn a_replayed_scsi_host_builds_its_tree_and_a_held_lun_survives_surprise_removal() {
-    let dir = TempDir::unique("replay");
+/// devmgrd replaying a FIFO in `dir` (with `extra` arguments), and the
+/// FIFO's write end: opening it waits for the daemon to open its end.
+fn replaying(dir: &TempDir, extra: &[&str]) -> (TestBus, Daemon, std::fs::File) {
     std::fs::create_dir_all(&dir.0).expect("temp dir");
     let fifo = dir.0.join("events");
     assert!(Command::new("mkfifo")
@@ -39,14 +39,27 @@ fn a_replayed_scsi_host_builds_its_tree_and_a_held_lun_survives_surprise_removal
         .success());
     let bus = TestBus::start();
     let fifo_arg = fifo.to_string_lossy().into_owned();
-    let daemon = Daemon::start_with_args(&bus, &["--replay", &fifo_arg]);
-    // Opening for writing waits for the daemon to open its end.
-    let mut events = std::fs::OpenOptions::new()
+    let mut args = vec!["--replay", fifo_arg.as_str()];
+    args.extend_from_slice(extra);
+    let daemon = Daemon::start_with_args(&bus, &args);
+    let events = std::fs::OpenOptions::new()
         .write(true)
         .open(&fifo)
         .expect("open the FIFO");
-    events.write_all(HOST.as_bytes()).expect("write events");
+    (bus, daemon, events)
+}
+
+/// Writes `text` into the replay FIFO.
+fn feed(events: &mut std::fs::File, text: &str) {
+    events.write_all(text.as_bytes()).expect("write events");
     events.flush().expect("flush");
+}
+
+#[test]
+fn a_replayed_scsi_host_builds_its_tree_and_a_held_lun_survives_surprise_removal() {
+    let dir = TempDir::unique("replay");
+    let (bus, daemon, mut events) = replaying(&dir, &[]);
+    feed(&mut events, HOST);
     wait_for(|| state(&bus, "sdb").is_some(), "the replayed tree");
     assert_eq!(
         ok(&bus, &["tree"]),
@@ -96,10 +109,7 @@ host0          host    live   -       0
         },
         "the hold",
     );
-    events
-        .write_all(LUN_REMOVED.as_bytes())
-        .expect("write events");
-    events.flush().expect("flush");
+    feed(&mut events, LUN_REMOVED);
     wait_for(
         || state(&bus, &lun_id).as_deref() == Some("gone"),
         "the LUN to be gone",
@@ -129,25 +139,9 @@ fn removing_a_scsi_lun_deletes_it_through_sysfs_and_waits_for_the_kernel() {
         .join("sys/devices/pci0000:00/0000:00:1f.2/ata1/host0/target0:0:0/0:0:0:1");
     std::fs::create_dir_all(&lun_dir).expect("fake sysfs");
     std::fs::write(lun_dir.join("delete"), "").expect("fake delete");
-    let fifo = dir.0.join("events");
-    assert!(Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .expect("mkfifo")
-        .success());
-    let bus = TestBus::start();
-    let (fifo_arg, root_arg) = (
-        fifo.to_string_lossy().into_owned(),
-        dir.0.to_string_lossy().into_owned(),
-    );
-    let _daemon =
-        Daemon::start_with_args(&bus, &["--replay", &fifo_arg, "--sysfs-root", &root_arg]);
-    let mut events = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&fifo)
-        .expect("open the FIFO");
-    events.write_all(HOST.as_bytes()).expect("write events");
-    events.flush().expect("flush");
+    let root_arg = dir.0.to_string_lossy().into_owned();
+    let (bus, _daemon, mut events) = replaying(&dir, &["--sysfs-root", &root_arg]);
+    feed(&mut events, HOST);
     wait_for(|| state(&bus, "sdb").is_some(), "the replayed tree");
     let lun: serde_json::Value =
         serde_json::from_str(&ok(&bus, &["--json", "show", "0:0:0:1"])).expect("JSON");
@@ -162,10 +156,7 @@ fn removing_a_scsi_lun_deletes_it_through_sysfs_and_waits_for_the_kernel() {
     assert_eq!(state(&bus, "sdb"), None, "its disk goes with it");
 
     // The kernel confirms: the LUN leaves the model.
-    events
-        .write_all(LUN_REMOVED.as_bytes())
-        .expect("write events");
-    events.flush().expect("flush");
+    feed(&mut events, LUN_REMOVED);
     wait_for(|| state(&bus, &lun_id).is_none(), "the LUN to be removed");
     assert_eq!(state(&bus, "0:0:0:0").as_deref(), Some("live"));
 }
@@ -182,32 +173,9 @@ fn removing_a_driver_bound_device_unbinds_it_and_waits_for_the_kernel() {
     std::fs::create_dir_all(&drivers_dir).expect("fake driver");
     std::fs::write(drivers_dir.join("unbind"), "").expect("fake unbind");
     std::os::unix::fs::symlink(&drivers_dir, dir.0.join(device).join("driver")).expect("link");
-    let fifo = dir.0.join("events");
-    assert!(Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .expect("mkfifo")
-        .success());
-    let bus = TestBus::start();
-    let (fifo_arg, root_arg) = (
-        fifo.to_string_lossy().into_owned(),
-        dir.0.to_string_lossy().into_owned(),
-    );
-    let _daemon = Daemon::start_with_args(
-        &bus,
-        &[
-            "--replay",
-            &fifo_arg,
-            "--sysfs-root",
-            &root_arg,
-            "--subsystems",
-            "usb",
-        ],
-    );
-    let mut events = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&fifo)
-        .expect("open the FIFO");
+    let root_arg = dir.0.to_string_lossy().into_owned();
+    let (bus, _daemon, mut events) =
+        replaying(&dir, &["--sysfs-root", &root_arg, "--subsystems", "usb"]);
     let devpath = "/devices/pci0000:00/0000:00:14.0/usb1/1-1";
     let block = |action: &str, seq: u32| {
         format!(
@@ -244,20 +212,7 @@ fn removing_a_driver_bound_device_unbinds_it_and_waits_for_the_kernel() {
 #[test]
 fn a_change_event_updates_the_attributes() {
     let dir = TempDir::unique("change");
-    std::fs::create_dir_all(&dir.0).expect("temp dir");
-    let fifo = dir.0.join("events");
-    assert!(Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .expect("mkfifo")
-        .success());
-    let bus = TestBus::start();
-    let fifo_arg = fifo.to_string_lossy().into_owned();
-    let _daemon = Daemon::start_with_args(&bus, &["--replay", &fifo_arg]);
-    let mut events = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&fifo)
-        .expect("open the FIFO");
+    let (bus, _daemon, mut events) = replaying(&dir, &[]);
     let devpath = "/devices/virtual/block/loop77";
     let block = |action: &str, seq: u32, extra: &str| {
         format!(
