@@ -142,10 +142,53 @@ where
     );
 }
 
-async fn veth_comes_and_goes(source: &str, tag: &str) {
+/// A private bus, devmgrd modelling `subsystem` from `source` (with `extra`
+/// arguments), and a client on that bus.
+async fn watching(source: &str, subsystem: &str, extra: &[&str]) -> (TestBus, Daemon, Client) {
     let bus = TestBus::start();
-    let _daemon = Daemon::start_with_args(&bus, &["--udev-source", source, "--subsystems", "net"]);
+    let mut args = vec!["--udev-source", source, "--subsystems", subsystem];
+    args.extend_from_slice(extra);
+    let daemon = Daemon::start_with_args(&bus, &args);
     let client = Client::connect(&bus.address).await;
+    (bus, daemon, client)
+}
+
+/// Waits (up to 10 s) for device `name` on the bus; its object path.
+async fn appears(client: &Client, name: &str) -> OwnedObjectPath {
+    eventually(&format!("{name} on the bus"), || async {
+        find(client, name).await.is_some()
+    })
+    .await;
+    find(client, name).await.expect("a device that appeared")
+}
+
+/// Rule 8 with a real device: held while `delete` removes it in the kernel,
+/// it is `gone` and its name is free at once; released, it is removed.
+async fn held_through_kernel_removal(
+    client: &Client,
+    path: &OwnedObjectPath,
+    name: &str,
+    delete: impl FnOnce(),
+) {
+    let fd = client.acquire(path).await;
+    delete();
+    eventually(&format!("the held {name} to be gone"), || async {
+        client.state(path).await.as_deref() == Some("gone")
+    })
+    .await;
+    assert!(
+        find(client, name).await.is_none(),
+        "a gone device's name is free"
+    );
+    drop(fd);
+    eventually(&format!("the released {name} to be removed"), || async {
+        !client.exists(path).await
+    })
+    .await;
+}
+
+async fn veth_comes_and_goes(source: &str, tag: &str) {
+    let (_bus, _daemon, client) = watching(source, "net", &[]).await;
     let veth = Veth::create(tag);
     eventually("the veth pair on the bus", || async {
         find(&client, &veth.name).await.is_some() && find(&client, &veth.peer).await.is_some()
@@ -166,18 +209,9 @@ async fn veth_comes_and_goes(source: &str, tag: &str) {
 }
 
 async fn loop_comes_and_goes(source: &str, base: u32) {
-    let bus = TestBus::start();
-    let _daemon =
-        Daemon::start_with_args(&bus, &["--udev-source", source, "--subsystems", "block"]);
-    let client = Client::connect(&bus.address).await;
+    let (_bus, _daemon, client) = watching(source, "block", &[]).await;
     let device = Loop::create(base);
-    eventually("the loop device on the bus", || async {
-        find(&client, &device.name()).await.is_some()
-    })
-    .await;
-    let path = find(&client, &device.name())
-        .await
-        .expect("the loop device");
+    let path = appears(&client, &device.name()).await;
     let object = client.object(&path).await;
     assert_eq!(object.subsystem().await.expect("Subsystem"), "block");
     assert_eq!(
@@ -185,17 +219,7 @@ async fn loop_comes_and_goes(source: &str, base: u32) {
         format!("/sys/devices/virtual/block/{}", device.name())
     );
     // Held when the kernel deletes it: gone, then removed on release.
-    let fd = client.acquire(&path).await;
-    device.delete();
-    eventually("the held loop device to be gone", || async {
-        client.state(&path).await.as_deref() == Some("gone")
-    })
-    .await;
-    drop(fd);
-    eventually("the released loop device to be removed", || async {
-        !client.exists(&path).await
-    })
-    .await;
+    held_through_kernel_removal(&client, &path, &device.name(), || device.delete()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -223,28 +247,10 @@ async fn udev_source_sees_a_veth_pair_come_and_go() {
 /// Rule 8 with a real device: the kernel deletes it while it is held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_device_the_kernel_deletes_is_gone_until_released() {
-    let bus = TestBus::start();
-    let _daemon =
-        Daemon::start_with_args(&bus, &["--udev-source", "kernel", "--subsystems", "net"]);
-    let client = Client::connect(&bus.address).await;
+    let (_bus, _daemon, client) = watching("kernel", "net", &[]).await;
     let veth = Veth::create("dmg");
-    eventually("the veth on the bus", || async {
-        find(&client, &veth.name).await.is_some()
-    })
-    .await;
-    let path = find(&client, &veth.name).await.expect("the veth");
-    let fd = client.acquire(&path).await;
-    veth.delete();
-    eventually("the held veth to be gone", || async {
-        client.state(&path).await.as_deref() == Some("gone")
-    })
-    .await;
-    // The name is free at once: a new device of that name is a new object.
-    drop(fd);
-    eventually("the released veth to be removed", || async {
-        !client.exists(&path).await
-    })
-    .await;
+    let path = appears(&client, &veth.name).await;
+    held_through_kernel_removal(&client, &path, &veth.name, || veth.delete()).await;
 }
 
 /// Coldplug: devices created before the daemon starts are there, once each
@@ -252,10 +258,7 @@ async fn a_held_device_the_kernel_deletes_is_gone_until_released() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_that_existed_before_the_daemon_are_there_once() {
     let veth = Veth::create("dmc");
-    let bus = TestBus::start();
-    let _daemon =
-        Daemon::start_with_args(&bus, &["--udev-source", "kernel", "--subsystems", "net"]);
-    let client = Client::connect(&bus.address).await;
+    let (bus, _daemon, client) = watching("kernel", "net", &[]).await;
     eventually("the pre-existing veth on the bus", || async {
         find(&client, &veth.name).await.is_some()
     })
@@ -282,18 +285,9 @@ fn sys_block(name: &str) -> std::path::PathBuf {
 /// the real device (LOOP_CTL_REMOVE) and the kernel's event completes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removing_a_held_loop_device_removes_the_real_one_once_released() {
-    let bus = TestBus::start();
-    let _daemon =
-        Daemon::start_with_args(&bus, &["--udev-source", "kernel", "--subsystems", "block"]);
-    let client = Client::connect(&bus.address).await;
+    let (bus, _daemon, client) = watching("kernel", "block", &[]).await;
     let device = Loop::create(5000);
-    eventually("the loop device on the bus", || async {
-        find(&client, &device.name()).await.is_some()
-    })
-    .await;
-    let path = find(&client, &device.name())
-        .await
-        .expect("the loop device");
+    let path = appears(&client, &device.name()).await;
     let fd = client.acquire(&path).await;
     let out = devctl(&bus, &["remove", &device.name()]);
     let text = stdout(&out);
@@ -319,10 +313,7 @@ async fn removing_a_held_loop_device_removes_the_real_one_once_released() {
 /// LOOP_CTL_REMOVE; the object is `stopped` with the kernel's error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_loop_device_fails_to_remove_cleanly() {
-    let bus = TestBus::start();
-    let _daemon =
-        Daemon::start_with_args(&bus, &["--udev-source", "kernel", "--subsystems", "block"]);
-    let client = Client::connect(&bus.address).await;
+    let (bus, _daemon, client) = watching("kernel", "block", &[]).await;
     let device = Loop::create(6000);
     let dir = TempDir::unique("backing");
     std::fs::create_dir_all(&dir.0).expect("temp dir");
@@ -335,13 +326,7 @@ async fn a_busy_loop_device_fails_to_remove_cleanly() {
         .status()
         .expect("losetup");
     assert!(attached.success(), "losetup {node}");
-    eventually("the loop device on the bus", || async {
-        find(&client, &device.name()).await.is_some()
-    })
-    .await;
-    let path = find(&client, &device.name())
-        .await
-        .expect("the loop device");
+    let path = appears(&client, &device.name()).await;
     let out = devctl(&bus, &["remove", &device.name()]);
     assert!(out.status.success());
     eventually("the object to be stopped", || async {
@@ -362,26 +347,9 @@ async fn a_busy_loop_device_fails_to_remove_cleanly() {
 /// `--no-actuate`: nothing real is done; the object says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_actuate_leaves_real_devices_alone() {
-    let bus = TestBus::start();
-    let _daemon = Daemon::start_with_args(
-        &bus,
-        &[
-            "--udev-source",
-            "kernel",
-            "--subsystems",
-            "block",
-            "--no-actuate",
-        ],
-    );
-    let client = Client::connect(&bus.address).await;
+    let (bus, _daemon, client) = watching("kernel", "block", &["--no-actuate"]).await;
     let device = Loop::create(7000);
-    eventually("the loop device on the bus", || async {
-        find(&client, &device.name()).await.is_some()
-    })
-    .await;
-    let path = find(&client, &device.name())
-        .await
-        .expect("the loop device");
+    let path = appears(&client, &device.name()).await;
     assert!(devctl(&bus, &["remove", &device.name()]).status.success());
     eventually("the object to be stopped", || async {
         client.state(&path).await.as_deref() == Some("stopped")
@@ -401,18 +369,11 @@ async fn no_actuate_leaves_real_devices_alone() {
 /// with NotSupported, and nothing changes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_with_no_real_removal_is_refused() {
-    let bus = TestBus::start();
-    let _daemon =
-        Daemon::start_with_args(&bus, &["--udev-source", "kernel", "--subsystems", "net"]);
-    let client = Client::connect(&bus.address).await;
-    eventually("lo on the bus", || async {
-        find(&client, "lo").await.is_some()
-    })
-    .await;
+    let (bus, _daemon, client) = watching("kernel", "net", &[]).await;
+    let path = appears(&client, "lo").await;
     let out = devctl(&bus, &["remove", "lo"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("org.devmgr.DevMgr1.Error.NotSupported"));
-    let path = find(&client, "lo").await.expect("lo");
     assert_eq!(client.state(&path).await.as_deref(), Some("live"));
 }
 
@@ -491,19 +452,8 @@ async fn an_overflowing_event_socket_is_resynchronised() {
     // Far more than a 4 KiB socket holds; few, because the kernel takes
     // ~50 ms to remove each loop device.
     const N: u32 = 50;
-    let bus = TestBus::start();
-    let daemon = Daemon::start_with_args(
-        &bus,
-        &[
-            "--udev-source",
-            "kernel",
-            "--subsystems",
-            "block",
-            "--udev-receive-buffer",
-            "4096",
-        ],
-    );
-    let client = Client::connect(&bus.address).await;
+    let (_bus, daemon, client) =
+        watching("kernel", "block", &["--udev-receive-buffer", "4096"]).await;
     signal(&daemon, "-STOP");
     let created = LoopRange::create(FIRST, N);
     signal(&daemon, "-CONT");
@@ -527,16 +477,9 @@ async fn an_overflowing_event_socket_is_resynchronised() {
 /// object takes the new name and sys path; the old name is free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renamed_interface_keeps_its_object() {
-    let bus = TestBus::start();
-    let _daemon =
-        Daemon::start_with_args(&bus, &["--udev-source", "kernel", "--subsystems", "net"]);
-    let client = Client::connect(&bus.address).await;
+    let (_bus, _daemon, client) = watching("kernel", "net", &[]).await;
     let mut veth = Veth::create("dmr");
-    eventually("the veth on the bus", || async {
-        find(&client, &veth.name).await.is_some()
-    })
-    .await;
-    let path = find(&client, &veth.name).await.expect("the veth");
+    let path = appears(&client, &veth.name).await;
     let renamed = format!("{}z", &veth.name[..veth.name.len() - 1]);
     let out = Command::new("ip")
         .args(["link", "set", "dev", &veth.name, "name", &renamed])
