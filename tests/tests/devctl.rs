@@ -33,6 +33,19 @@ fn wait_refs(bus: &TestBus, obj: &str, n: u64) {
     );
 }
 
+/// `devctl hold ARGS…` in the background, once its reference is taken
+/// (`args[0]` is the object, as devctl's argument and for the count).
+fn holding(bus: &TestBus, args: &[&str]) -> std::process::Child {
+    let mut all = vec!["hold"];
+    all.extend_from_slice(args);
+    let holder = devctl_command(bus, &all)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("devctl hold");
+    wait_refs(bus, args[0], 1);
+    holder
+}
+
 #[test]
 fn list_tree_show_and_status_print_what_the_daemon_holds() {
     let bus = TestBus::start();
@@ -137,14 +150,10 @@ fn hold_while_a_command_runs_and_remove_waits_for_it() {
         .and_then(|l| l.iter().find(|o| o["kind"] == "device").cloned())
         .expect("a LUN");
     let lun_name = lun["name"].as_str().expect("name").to_owned();
-    let mut holder = devctl_command(
+    let mut holder = holding(
         &bus,
-        &["hold", &lun_name, "--reason", "mounted", "--", "sleep", "5"],
-    )
-    .stderr(Stdio::null())
-    .spawn()
-    .expect("devctl hold");
-    wait_refs(&bus, &lun_name, 1);
+        &[&lun_name, "--reason", "mounted", "--", "sleep", "5"],
+    );
 
     // A pending result says exactly who holds what; --wait returns when
     // the command ends and the removal completes.
@@ -175,11 +184,7 @@ fn remove_wait_on_an_object_held_forever_exits_3_and_leaves_it_removing() {
     let bus = TestBus::start();
     let _daemon = Daemon::start(&bus);
     ok(&bus, &["add", "host", "stuck"]);
-    let mut holder = devctl_command(&bus, &["hold", "stuck"])
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("devctl hold");
-    wait_refs(&bus, "stuck", 1);
+    let mut holder = holding(&bus, &["stuck"]);
     let out = devctl(&bus, &["remove", "stuck", "--wait=1"]);
     assert_eq!(out.status.code(), Some(3));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -194,21 +199,10 @@ fn hold_release_on_request_lets_go_and_the_removal_completes() {
     let bus = TestBus::start();
     let _daemon = Daemon::start(&bus);
     ok(&bus, &["add", "host", "polite"]);
-    let mut holder = devctl_command(
+    let mut holder = holding(
         &bus,
-        &[
-            "hold",
-            "polite",
-            "--release-on-request",
-            "--",
-            "sleep",
-            "600",
-        ],
-    )
-    .stderr(Stdio::null())
-    .spawn()
-    .expect("devctl hold");
-    wait_refs(&bus, "polite", 1);
+        &["polite", "--release-on-request", "--", "sleep", "600"],
+    );
     let out = devctl(&bus, &["remove", "polite", "--wait=60"]);
     assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
     // The command was stopped with SIGTERM: hold exits 128 + 15.
@@ -244,11 +238,7 @@ fn monitor_json_sees_add_removing_removed_in_order() {
     );
 
     ok(&bus, &["add", "host", "watched"]);
-    let mut holder = devctl_command(&bus, &["hold", "watched"])
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("devctl hold");
-    wait_refs(&bus, "watched", 1);
+    let mut holder = holding(&bus, &["watched"]);
     ok(&bus, &["remove", "watched"]);
     let _ = holder.kill();
     let _ = holder.wait();
@@ -404,11 +394,7 @@ fn remove_deadlines_cancel_or_revoke_and_wait_says_which() {
     let bus = TestBus::start();
     let _daemon = Daemon::start(&bus);
     ok(&bus, &["add", "host", "late"]);
-    let mut holder = devctl_command(&bus, &["hold", "late"])
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("devctl hold");
-    wait_refs(&bus, "late", 1);
+    let mut holder = holding(&bus, &["late"]);
     // Cancel: the object comes back, and --wait says so (exit 1).
     let out = devctl(
         &bus,
@@ -448,11 +434,7 @@ fn ctrl_c_while_waiting_leaves_the_removal_pending_and_exits_3() {
     let bus = TestBus::start();
     let _daemon = Daemon::start(&bus);
     ok(&bus, &["add", "host", "patient"]);
-    let mut holder = devctl_command(&bus, &["hold", "patient"])
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("devctl hold");
-    wait_refs(&bus, "patient", 1);
+    let mut holder = holding(&bus, &["patient"]);
     let mut waiter = devctl_command(&bus, &["remove", "patient", "--wait"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -540,11 +522,7 @@ fn actions_answer_in_json_too() {
         json(&bus, &["unbind", "k"])["driver"],
         serde_json::Value::Null
     );
-    let mut holder = devctl_command(&bus, &["hold", "j", "--reason", "busy"])
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("devctl hold");
-    wait_refs(&bus, "j", 1);
+    let mut holder = holding(&bus, &["j", "--reason", "busy"]);
     let dry = json(&bus, &["remove", "j", "--dry-run"]);
     assert_eq!(
         (dry["outcome"].as_str(), dry["dry_run"].as_bool()),
