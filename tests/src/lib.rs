@@ -275,16 +275,22 @@ impl Daemon {
 
     /// Same, run through a wrapper command (e.g. `prlimit … --`) if any.
     pub fn start_wrapped(bus: &TestBus, wrapper: &[&str]) -> Daemon {
-        Daemon::launch(bus, wrapper, &["--no-udev"])
+        Daemon::launch(&bus.address, wrapper, &["--no-udev"])
     }
 
     /// Starts devmgrd on `bus` with these arguments (udev ingestion on
     /// unless they say `--no-udev`).
     pub fn start_with_args(bus: &TestBus, args: &[&str]) -> Daemon {
-        Daemon::launch(bus, &[], args)
+        Daemon::launch(&bus.address, &[], args)
     }
 
-    fn launch(bus: &TestBus, wrapper: &[&str], args: &[&str]) -> Daemon {
+    /// Starts devmgrd on the bus at `address` (one the harness did not
+    /// start, such as a system-type bus) with these arguments.
+    pub fn start_at(address: &str, args: &[&str]) -> Daemon {
+        Daemon::launch(address, &[], args)
+    }
+
+    fn launch(address: &str, wrapper: &[&str], args: &[&str]) -> Daemon {
         let devmgrd = binary("devmgrd");
         let mut command = match wrapper.split_first() {
             None => Command::new(&devmgrd),
@@ -295,14 +301,17 @@ impl Daemon {
             }
         };
         let child = command
-            .args(["--bus", &bus.address])
+            .args(["--bus", address])
             .args(args)
             .stderr(Stdio::piped())
             .spawn()
             .expect("start devmgrd");
         let mut daemon = Daemon::watch(child);
         let start = Instant::now();
-        while !bus.busctl(&["status", proto::BUS_NAME]).status.success() {
+        while !busctl_at(address, &["status", proto::BUS_NAME])
+            .status
+            .success()
+        {
             // Say why, rather than time out on a daemon that already died.
             if let Ok(Some(status)) = daemon.child.try_wait() {
                 panic!(

@@ -98,20 +98,7 @@ fn as_nobody(program: &str, args: &[&str]) -> std::process::Output {
 #[test]
 fn only_root_owns_the_name_and_anyone_may_call() {
     let bus = start_system_bus();
-    let devmgrd = Command::new(binary("devmgrd"))
-        .args(["--no-udev", "--bus", &bus.address])
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("devmgrd");
-    let _daemon = KillOnDrop(devmgrd);
-    wait_for(
-        || {
-            busctl_at(&bus.address, &["status", proto::BUS_NAME])
-                .status
-                .success()
-        },
-        "devmgrd (root) to own its name on the system-type bus",
-    );
+    let _daemon = Daemon::start_at(&bus.address, &["--no-udev"]);
 
     // nobody may call: a property read and a method call both reach devmgrd.
     let out = as_nobody(
@@ -183,15 +170,6 @@ fn only_root_owns_the_name_and_anyone_may_call() {
     assert!(!out.status.success(), "the stock policy is not in force");
 }
 
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Calls every mutation, then Acquire, as the current user of the python
 /// process, on host `h` (driver sim-scsi); prints one line per call: the
 /// D-Bus error name, or `ok`.
@@ -251,26 +229,7 @@ async fn an_unprivileged_caller_may_acquire_but_not_change_anything() {
                 .and_then(|r| r.split(':').next().map(str::to_owned))
         })
         .expect("a disk group");
-    let devmgrd = Command::new(binary("devmgrd"))
-        .args([
-            "--no-udev",
-            "--bus",
-            &bus.address,
-            "--authorized-group",
-            "disk",
-        ])
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("devmgrd");
-    let _daemon = KillOnDrop(devmgrd);
-    wait_for(
-        || {
-            busctl_at(&bus.address, &["status", proto::BUS_NAME])
-                .status
-                .success()
-        },
-        "devmgrd on the system-type bus",
-    );
+    let _daemon = Daemon::start_at(&bus.address, &["--no-udev", "--authorized-group", "disk"]);
     let root = Client::connect(&bus.address).await;
     let host = root.add_host("h").await;
 
