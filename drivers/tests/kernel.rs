@@ -26,6 +26,16 @@ fn driver(model: &mut Model, name: &str) -> ObjectId {
     id
 }
 
+/// Client `key`'s holder record.
+fn holder(key: u64) -> Arc<drivers::Holder> {
+    Arc::new(drivers::Holder {
+        key,
+        bus_name: format!(":1.{key}"),
+        uid: 1000,
+        pid: 1,
+    })
+}
+
 fn checked(model: &Model) {
     model.check_invariants().expect("invariants");
 }
@@ -74,12 +84,7 @@ fn the_kernel_binds_rebinds_and_unbinds() {
     checked(&m);
 
     // Held or stopped makes no difference: the kernel has already done it.
-    let holder = Arc::new(drivers::Holder {
-        key: 1,
-        bus_name: ":1.1".into(),
-        uid: 0,
-        pid: 1,
-    });
+    let holder = holder(1);
     m.acquire(dev, holder, "busy", 0).expect("acquire");
     m.stop(dev).expect("stop");
     m.take_events();
@@ -126,12 +131,7 @@ fn a_driver_removal_waiting_on_a_binding_completes_when_the_kernel_unbinds() {
     let dev = udev_device(&mut m, "eth9", Some(drivers::kernel::UNBIND));
     let e1000 = driver(&mut m, "e1000");
     m.kernel_bound(dev, e1000).expect("bind");
-    let holder = Arc::new(drivers::Holder {
-        key: 1,
-        bus_name: ":1.1".into(),
-        uid: 0,
-        pid: 1,
-    });
+    let holder = holder(1);
     m.acquire(dev, holder, "busy", 0).expect("acquire");
     m.take_events();
     let report = m
@@ -202,14 +202,6 @@ fn a_reference_quota_refuses_past_the_limit_and_recovers() {
     let mut m = Model::default();
     m.set_reference_quota(Some(2));
     let dev = udev_device(&mut m, "eth4", None);
-    let holder = |key: u64| {
-        Arc::new(drivers::Holder {
-            key,
-            bus_name: format!(":1.{key}"),
-            uid: 1000,
-            pid: 1,
-        })
-    };
     let (a, b) = (holder(1), holder(2));
     let first = m.acquire(dev, a.clone(), "one", 0).expect("1st");
     m.acquire(dev, a.clone(), "two", 0).expect("2nd");
@@ -272,12 +264,7 @@ fn a_gone_device_cannot_be_bound_and_goes_when_let_go() {
     let mut m = Model::default();
     let dev = udev_device(&mut m, "sdz", None);
     let e1000 = driver(&mut m, "e1000");
-    let holder = Arc::new(drivers::Holder {
-        key: 1,
-        bus_name: ":1.1".into(),
-        uid: 0,
-        pid: 1,
-    });
+    let holder = holder(1);
     let reference = m.acquire(dev, holder, "busy", 0).expect("acquire");
     m.kernel_removed(dev).expect("kernel removal");
     assert_eq!(m.state(dev).expect("state"), State::Gone);
