@@ -88,11 +88,6 @@ pub async fn signals(conn: &Connection, path: Option<&str>) -> Outcome<MessageSt
     Ok(MessageStream::for_match_rule(rule, conn, std::num::NonZeroUsize::new(1 << 16)).await?)
 }
 
-/// Signals about one object's removal, subscribed before the call so none is missed.
-async fn removal_signals(conn: &Connection) -> Outcome<MessageStream> {
-    signals(conn, None).await
-}
-
 #[derive(Serialize)]
 struct RemoveReport {
     object: String,
@@ -138,7 +133,8 @@ pub async fn remove(conn: &Connection, args: RemoveArgs, json: bool) -> Outcome 
         // report prints must end the wait (exit 3), not kill devctl.
         let interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
             .map_err(|e| Failure::Failed(format!("cannot catch Ctrl-C: {e}")))?;
-        Some((removal_signals(conn).await?, interrupt))
+        // Subscribed before the call, so no signal of this removal is missed.
+        Some((signals(conn, None).await?, interrupt))
     } else {
         None
     };
