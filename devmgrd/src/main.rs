@@ -238,6 +238,9 @@ async fn run(args: Args) -> Result<(), String> {
         tokio::spawn(ingest::run(handle.clone(), rx));
     } else if !args.no_udev {
         let source = args.udev_source.unwrap_or_else(uevents::detect_source);
+        if source == uevents::Source::Udev && !uevents::udevd_listening() {
+            tracing::warn!("no systemd-udevd answers: udev events will not arrive until one runs");
+        }
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         uevents::start(source, &args.subsystems, args.udev_receive_buffer, tx).await?;
         tokio::spawn(ingest::run(handle.clone(), rx));

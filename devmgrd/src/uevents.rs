@@ -18,13 +18,39 @@ pub use drivers::uevent::{Action, Source, UEvent};
 /// The monitor socket's receive buffer, as systemd-udevd sets it.
 pub const RECEIVE_BUFFER: usize = 128 * 1024 * 1024;
 
-/// udev when systemd-udevd is running (its control socket exists), else kernel.
+/// systemd-udevd's control socket.
+const UDEVD_CONTROL: &str = "/run/udev/control";
+
+/// udev when systemd-udevd is running, else kernel.
 pub fn detect_source() -> Source {
-    if std::path::Path::new("/run/udev/control").exists() {
+    if udevd_listening() {
         Source::Udev
     } else {
         Source::Kernel
     }
+}
+
+/// Whether a udevd accepts connections on its control socket. The socket
+/// file outlives a udevd that was killed, so its existence is not enough:
+/// trusting it would leave the daemon on a monitor that never hears a thing.
+pub fn udevd_listening() -> bool {
+    seqpacket_listening(std::path::Path::new(UDEVD_CONTROL))
+}
+
+/// Whether something accepts SOCK_SEQPACKET connections at `path`.
+fn seqpacket_listening(path: &std::path::Path) -> bool {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    use std::os::fd::AsRawFd;
+    let Ok(address) = UnixAddr::new(path) else {
+        return false;
+    };
+    socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .is_ok_and(|fd| connect(fd.as_raw_fd(), &address).is_ok())
 }
 
 /// What the reader thread hands to the ingestion.
@@ -198,5 +224,38 @@ fn read(
                 Err(e) => tracing::error!("cannot re-enumerate after the overflow: {e}"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::seqpacket_listening;
+    use nix::sys::socket::UnixAddr;
+    use nix::sys::socket::{bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType};
+    use std::os::fd::AsRawFd;
+
+    /// A udevd that was killed leaves its socket file behind: that must
+    /// read as "no udevd", and a listening socket as one.
+    #[test]
+    fn a_stale_control_socket_is_not_a_running_udevd() {
+        let dir = std::env::temp_dir().join(format!("devmgrd-udevd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("control");
+        let _ = std::fs::remove_file(&path);
+        assert!(!seqpacket_listening(&path), "no file");
+        let live = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .expect("socket");
+        bind(live.as_raw_fd(), &UnixAddr::new(&path).expect("address")).expect("bind");
+        listen(&live, Backlog::new(4).expect("backlog")).expect("listen");
+        assert!(seqpacket_listening(&path), "a listening socket");
+        drop(live);
+        assert!(path.exists());
+        assert!(!seqpacket_listening(&path), "the file of a closed socket");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
