@@ -48,6 +48,11 @@ pub struct AddRequest {
     /// Who asks (the daemon: the caller's holder key), for the per-client
     /// quota on objects added ([`Model::set_added_quota`]).
     pub added_by: Option<u64>,
+    /// Created by its parent's driver, as that driver's probe would have
+    /// (torn down when the parent is unbound, removed through the driver's
+    /// exit): for a daemon restoring what a scan made before a restart.
+    /// The parent must be bound to a driver.
+    pub scanned: bool,
 }
 
 impl AddRequest {
@@ -65,6 +70,7 @@ impl AddRequest {
             sys_path: String::new(),
             handler: None,
             added_by: None,
+            scanned: false,
         }
     }
 
@@ -160,7 +166,16 @@ impl Model {
             self.require_live_chain(parent, "accepts no new children")?;
         }
         self.require_free_name(req.kind, &req.name)?;
+        if req.scanned && (parent == NONE || self.obj(parent).driver == NONE) {
+            return Err(Error::invalid_argument(
+                "only a child of a bound object can be made by its driver",
+            ));
+        }
         let handler = match &req.handler {
+            None if req.scanned => {
+                let d = self.obj(parent).driver;
+                self.obj(d).extra.as_ref().and_then(|e| e.implementation)
+            }
             None => None,
             Some(name) => Some(self.registry.find(name).ok_or_else(|| {
                 Error::invalid_argument(format!("no driver implementation named {name:?}"))
@@ -240,7 +255,7 @@ impl Model {
             admin: Admin::Live,
             gone: false,
             exiting: false,
-            scanned: false,
+            scanned: req.scanned,
             handler,
             parent,
             pos_in_parent: 0,
@@ -267,6 +282,9 @@ impl Model {
         if let (Some(_), Some(by)) = (self.added_quota, req.added_by) {
             self.obj_mut(key).extra_mut().added_by = Some(by);
             *self.added_count.entry(by).or_insert(0) += 1;
+        }
+        if req.scanned {
+            self.obj_mut(parent).scanned_children += 1;
         }
         let id = self.obj(key).id;
         self.events.push(Event::Added(Box::new(self.info(key))));

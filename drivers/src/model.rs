@@ -94,6 +94,8 @@ pub struct ObjectInfo {
     pub sys_path: String,
     /// The last driver action's error ("" when it succeeded).
     pub last_error: Arc<str>,
+    /// Made by its parent's driver (a probe's scan).
+    pub scanned: bool,
 }
 
 impl ObjectInfo {
@@ -490,6 +492,7 @@ impl Model {
             subsystem: extra.map_or_else(String::new, |e| e.subsystem.clone()),
             sys_path: extra.map_or_else(String::new, |e| e.sys_path.clone()),
             last_error: extra.map_or_else(|| Arc::from(""), |e| Arc::clone(&e.last_error)),
+            scanned: o.scanned,
         }
     }
 
