@@ -48,6 +48,15 @@ impl Known {
     }
 }
 
+/// One thing for the owner to do.
+enum Item {
+    /// Apply a device event.
+    Event(UEvent),
+    /// The coldplug's devices are all in: what waited for real devices
+    /// after a restart is placed now (`persist::Tracker::coldplug_done`).
+    ColdplugDone,
+}
+
 /// Most events applied in one owner job: a storm goes through in batches
 /// (one publish, one wait per batch) without holding other commands up for
 /// long (each batch's signals go out before the next command's reply).
@@ -70,13 +79,16 @@ pub async fn run(handle: ModelHandle, mut events: mpsc::UnboundedReceiver<Ingest
                 Err(_) => break,
             }
         }
-        let batch: Vec<UEvent> = queue.drain(..queue.len().min(MAX_BATCH)).collect();
+        let batch: Vec<Item> = queue.drain(..queue.len().min(MAX_BATCH)).collect();
         // The mapping travels with the job and comes back with it: one
         // owner of each, no lock.
         let mut mapping = std::mem::take(&mut known);
-        let applied = handle.call(move |model| {
-            for event in batch {
-                apply(model, &mut mapping, event);
+        let applied = handle.call_owned(move |owned| {
+            for item in batch {
+                match item {
+                    Item::Event(event) => apply(&mut owned.model, &mut mapping, event),
+                    Item::ColdplugDone => coldplug_done(owned),
+                }
             }
             mapping
         });
@@ -87,11 +99,18 @@ pub async fn run(handle: ModelHandle, mut events: mpsc::UnboundedReceiver<Ingest
     }
 }
 
-fn enqueue(queue: &mut std::collections::VecDeque<UEvent>, known: &Known, ingest: Ingest) {
+fn coldplug_done(owned: &mut crate::owner::Owned) {
+    if let Some(tracker) = &mut owned.tracker {
+        tracker.coldplug_done();
+    }
+}
+
+fn enqueue(queue: &mut std::collections::VecDeque<Item>, known: &Known, ingest: Ingest) {
     match ingest {
         Ingest::Coldplug(devices) => {
             tracing::info!("coldplug: {} existing devices", devices.len());
-            queue.extend(devices);
+            queue.extend(devices.into_iter().map(Item::Event));
+            queue.push_back(Item::ColdplugDone);
         }
         Ingest::Resync(devices) => {
             let (vanished, new) = reconcile(known, devices);
@@ -100,10 +119,10 @@ fn enqueue(queue: &mut std::collections::VecDeque<UEvent>, known: &Known, ingest
                 vanished.len(),
                 new.len()
             );
-            queue.extend(vanished);
-            queue.extend(new);
+            queue.extend(vanished.into_iter().map(Item::Event));
+            queue.extend(new.into_iter().map(Item::Event));
         }
-        Ingest::Event(event) => queue.push_back(event),
+        Ingest::Event(event) => queue.push_back(Item::Event(event)),
     }
 }
 

@@ -9,9 +9,11 @@ mod handles;
 mod ingest;
 mod owner;
 mod peers;
+mod persist;
 mod pump;
 mod replay;
 mod service;
+mod store;
 mod uevents;
 
 use std::process::ExitCode;
@@ -76,6 +78,11 @@ struct Args {
     /// (0: no limit). Past it, Add answers QuotaExceeded.
     #[arg(long, value_name = "N", default_value_t = 65_536)]
     max_objects_per_client: u32,
+    /// Keep what clients change (objects they add, stopped and removing
+    /// states, bindings) in DIR, durable before each reply, and restore it
+    /// at start. References do not survive a restart.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<std::path::PathBuf>,
     /// The kernel subsystems to model, comma-separated.
     #[arg(
         long,
@@ -110,45 +117,138 @@ async fn main() -> ExitCode {
     }
 }
 
-/// Serves the manager on one bus; the error says what went wrong in words.
+/// Why devmgrd could not serve on a bus, and the owner's batches back (for
+/// a pump on another bus).
+struct Refused {
+    /// Whether another bus may be tried (never when another devmgrd runs).
+    fall_back: bool,
+    why: String,
+    batches: Option<tokio::sync::mpsc::UnboundedReceiver<owner::Batch>>,
+}
+
+/// Serves the manager on one bus: connects, publishes every object as it
+/// stands, and only then claims the name, so that the first client to find
+/// devmgrd (systemd's readiness check among them) sees the whole model.
 async fn serve(
     builder: connection::Builder<'_>,
     handle: &owner::ModelHandle,
     authz: &authz::Authorizer,
     label: &str,
-) -> Result<zbus::Connection, (bool, String)> {
+    batches: tokio::sync::mpsc::UnboundedReceiver<owner::Batch>,
+) -> Result<zbus::Connection, Refused> {
     let manager = service::Manager {
         handle: handle.clone(),
         authz: authz.clone(),
         object_count: 0.into(),
         pending_removals: 0.into(),
     };
-    builder
+    let built = builder
         .serve_at(proto::MANAGER_PATH, manager)
         .serve_at(proto::MANAGER_PATH, fdo::ObjectManager)
-        .name(proto::BUS_NAME)
-        .allow_name_replacements(false)
         .build()
-        .await
-        .map_err(|e| match e {
-            // Another devmgrd: never fall back, never steal.
-            zbus::Error::NameTaken => (
-                false,
-                format!(
-                    "{} is already owned on the {label} bus: is another devmgrd running?",
-                    proto::BUS_NAME
-                ),
-            ),
-            e => (true, format!("cannot serve on the {label} bus: {e}")),
-        })
+        .await;
+    let conn = match built {
+        Ok(conn) => conn,
+        Err(e) => {
+            return Err(Refused {
+                fall_back: true,
+                why: format!("cannot serve on the {label} bus: {e}"),
+                batches: Some(batches),
+            })
+        }
+    };
+    let shared = service::Shared {
+        handle: handle.clone(),
+        handles: handles::Handles::default(),
+        authz: authz.clone(),
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let pump = tokio::spawn(pump::run(conn.clone(), shared, batches, stopped));
+    let refusal = match handle.announce_all().await {
+        Err(_) => Some((false, "the model's owner stopped".to_owned())),
+        Ok(()) => {
+            let claimed = conn
+                .request_name_with_flags(proto::BUS_NAME, fdo::RequestNameFlags::DO_NOT_QUEUE)
+                .await;
+            match claimed {
+                Ok(fdo::RequestNameReply::PrimaryOwner | fdo::RequestNameReply::AlreadyOwner) => {
+                    None
+                }
+                // Another devmgrd: never fall back, never steal.
+                Ok(_) | Err(zbus::Error::NameTaken) => Some((
+                    false,
+                    format!(
+                        "{} is already owned on the {label} bus: is another devmgrd running?",
+                        proto::BUS_NAME
+                    ),
+                )),
+                Err(e) => Some((
+                    true,
+                    format!("cannot own {} on the {label} bus: {e}", proto::BUS_NAME),
+                )),
+            }
+        }
+    };
+    match refusal {
+        // `stop` dropped: the pump runs for as long as the daemon.
+        None => Ok(conn),
+        Some((fall_back, why)) => {
+            let _ = stop.send(());
+            Err(Refused {
+                fall_back,
+                why,
+                batches: pump.await.ok(),
+            })
+        }
+    }
 }
 
-async fn run(args: Args) -> Result<(), String> {
-    let mut model = Model::default();
+/// The model (restored from `--state-dir` if given), its tracker, and the
+/// open state directory with what it now keeps.
+fn build_model(
+    args: &Args,
+) -> Result<(owner::Owned, Option<(store::Store, persist::Kept)>), String> {
+    let (store, kept) = match &args.state_dir {
+        None => (None, persist::Kept::default()),
+        Some(dir) => {
+            let (store, kept) = store::Store::open(dir)?;
+            (Some(store), kept)
+        }
+    };
+    let mut model = Model::with_sequence_after(drivers::Registry::builtin(), kept.sequence);
     // The simulated SCSI host adapter is always there, for demos and tests.
     model
         .add(AddRequest::new(Kind::Driver, proto::SIM_SCSI_DRIVER))
         .map_err(|e| format!("cannot create the sim-scsi driver: {e}"))?;
+    let Some(mut store) = store else {
+        return Ok((owner::Owned::new(model, None), None));
+    };
+    let (tracker, restored) = persist::Tracker::restore(&mut model, &kept, owner::now_micros());
+    for why in &restored.dropped {
+        tracing::warn!("not restored: {why}");
+    }
+    tracing::info!(
+        "restored {} objects from {}{}",
+        restored.objects,
+        store.dir().display(),
+        match restored.waiting {
+            0 => String::new(),
+            n => format!("; {n} wait for real devices"),
+        }
+    );
+    // From here on, what is kept names the objects by their new ids.
+    let kept = tracker.snapshot();
+    store
+        .compact(&kept)
+        .map_err(|e| format!("cannot write the state in {}: {e}", store.dir().display()))?;
+    let owned = owner::Owned::new(model, Some(tracker));
+    Ok((owned, Some((store, kept))))
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let (mut owned, store) = build_model(&args)?;
+    // After the restore: the limits are for what clients add from now on.
+    let model = &mut owned.model;
     model.set_reference_quota(Some(args.max_references_per_client).filter(|&n| n > 0));
     model.set_object_limit(Some(args.max_objects).filter(|&n| n > 0));
     model.set_added_quota(Some(args.max_objects_per_client).filter(|&n| n > 0));
@@ -156,7 +256,14 @@ async fn run(args: Args) -> Result<(), String> {
         enabled: !args.no_actuate,
         sysfs_root: args.sysfs_root.clone(),
     };
-    let (handle, batches) = owner::spawn(model, actuation);
+    let (handle, batches) = owner::spawn(owned, actuation);
+    let (batches, state_failed) = match store {
+        None => (batches, None),
+        Some((store, kept)) => {
+            let (batches, failed) = store::spawn(store, kept, batches);
+            (batches, Some(failed))
+        }
+    };
     let group = match &args.authorized_group {
         None => None,
         Some(name) => Some((name.clone(), authz::group_id(name)?)),
@@ -179,20 +286,30 @@ async fn run(args: Args) -> Result<(), String> {
         bus::BusChoice::Address(a) => Some((connection::Builder::address(a.as_str()), a.clone())),
         bus::BusChoice::Embedded | bus::BusChoice::Auto => None,
     };
+    let mut batches = Some(batches);
     let conn = match shared {
-        Some((builder, label)) => match serve(builder, &handle, &authz, &label).await {
-            Ok(conn) => Some((conn, label)),
-            Err((true, why)) if auto => {
-                tracing::warn!("{why}; serving on an embedded bus instead");
-                None
+        Some((builder, label)) => {
+            let Some(taken) = batches.take() else {
+                return Err("the model's batches are gone".to_owned());
+            };
+            match serve(builder, &handle, &authz, &label, taken).await {
+                Ok(conn) => Some((conn, label)),
+                Err(refused) if refused.fall_back && auto => {
+                    tracing::warn!("{}; serving on an embedded bus instead", refused.why);
+                    batches = refused.batches;
+                    None
+                }
+                Err(refused) => return Err(refused.why),
             }
-            Err((_, why)) => return Err(why),
-        },
+        }
         None => None,
     };
     let (conn, label) = match conn {
         Some(served) => served,
         None => {
+            let Some(taken) = batches.take() else {
+                return Err("the model's batches are gone".to_owned());
+            };
             let bus = bus::EmbeddedBus::start(&runtime_dir).await?;
             let address = bus.address().to_owned();
             embedded = Some(bus);
@@ -201,9 +318,10 @@ async fn run(args: Args) -> Result<(), String> {
                 &handle,
                 &authz,
                 "embedded",
+                taken,
             )
             .await
-            .map_err(|(_, why)| why)?;
+            .map_err(|refused| refused.why)?;
             tracing::info!(
                 "embedded bus at {address} (written to {})",
                 bus::address_file(&runtime_dir).display()
@@ -216,17 +334,6 @@ async fn run(args: Args) -> Result<(), String> {
         .watch_departures(&conn)
         .await
         .map_err(|e| format!("cannot watch the bus's connections: {e}"))?;
-    let shared = service::Shared {
-        handle: handle.clone(),
-        handles: handles::Handles::default(),
-        authz: authz.clone(),
-    };
-    tokio::spawn(pump::run(conn.clone(), shared, batches));
-    // Publish what the model already holds (the sim-scsi driver).
-    handle
-        .call(|_| ())
-        .await
-        .map_err(|_| "the model's owner stopped".to_owned())?;
     if let Some(file) = args.replay.clone() {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(replay::run(
@@ -265,6 +372,13 @@ async fn run(args: Args) -> Result<(), String> {
         // Without the bus there is nothing to serve: exit non-zero, so that
         // a service manager restarts the daemon.
         why = bus_gone => Some(why),
+        // Nor without a disk to keep changes on: nothing more is published.
+        why = async {
+            match state_failed {
+                Some(failed) => failed.await.unwrap_or_else(|_| "the state writer stopped".to_owned()),
+                None => std::future::pending().await,
+            }
+        } => Some(why),
     };
     tracing::info!("shutting down");
     let _ = conn.release_name(proto::BUS_NAME).await;

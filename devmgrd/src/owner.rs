@@ -4,6 +4,8 @@
 //! method reply before the signals and objects that the call caused.
 
 use drivers::{Event, Model, ObjectId, ReferenceInfo};
+
+use crate::persist::{Change, Tracker};
 use tokio::sync::{mpsc, oneshot};
 
 /// Microseconds since the Unix epoch: the engine's "now".
@@ -16,8 +18,31 @@ pub fn now_micros() -> u64 {
 /// Delivers a command's reply once its events have been published.
 pub type Deliver = Box<dyn FnOnce() + Send>;
 
+/// What the owner owns: the model, and (with `--state-dir`) the tracker
+/// that says what of each batch must be kept.
+pub struct Owned {
+    /// The device model.
+    pub model: Model,
+    /// What to keep across restarts, if anything is kept.
+    pub tracker: Option<Tracker>,
+    /// The next batch describes every object as it stands (for a pump on a
+    /// new connection, which has exported nothing yet).
+    announce_all: bool,
+}
+
+impl Owned {
+    /// The owner's charge: `model`, and a tracker if state is kept.
+    pub fn new(model: Model, tracker: Option<Tracker>) -> Owned {
+        Owned {
+            model,
+            tracker,
+            announce_all: false,
+        }
+    }
+}
+
 /// A command: runs on the model, returns how to deliver its reply.
-type Job = Box<dyn FnOnce(&mut Model) -> Deliver + Send>;
+type Job = Box<dyn FnOnce(&mut Owned) -> Deliver + Send>;
 
 /// What the owner hands to the event pump after each command.
 pub struct Batch {
@@ -29,6 +54,8 @@ pub struct Batch {
     pub holders: std::collections::HashMap<ObjectId, Vec<ReferenceInfo>>,
     /// The commands' replies, in order, to send after the events are published.
     pub deliver: Vec<Deliver>,
+    /// What must be durable before any of it is published (`--state-dir`).
+    pub changes: Vec<Change>,
 }
 
 /// A cheap, cloneable way to send commands to the owner.
@@ -65,9 +92,24 @@ impl ModelHandle {
         &self,
         f: impl FnOnce(&mut Model) -> R + Send + 'static,
     ) -> Result<R, OwnerGone> {
+        self.call_owned(move |owned| f(&mut owned.model)).await
+    }
+
+    /// Publishes every object as it stands (as if each were just added),
+    /// for a pump that starts on a new connection; returns once done.
+    pub async fn announce_all(&self) -> Result<(), OwnerGone> {
+        self.call_owned(|owned| owned.announce_all = true).await
+    }
+
+    /// Same as `call`, with the tracker too (for what only the owner may
+    /// tell it).
+    pub async fn call_owned<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Owned) -> R + Send + 'static,
+    ) -> Result<R, OwnerGone> {
         let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move |model| {
-            let result = f(model);
+        let job: Job = Box::new(move |owned| {
+            let result = f(owned);
             Box::new(move || {
                 // The caller may have gone away meanwhile; nothing to do then.
                 let _ = tx.send(result);
@@ -84,7 +126,7 @@ impl ModelHandle {
 const MAX_JOBS_PER_BATCH: usize = 256;
 
 pub fn spawn(
-    mut model: Model,
+    mut owned: Owned,
     actuation: crate::effects::Actuation,
 ) -> (ModelHandle, mpsc::UnboundedReceiver<Batch>) {
     let (jobs_tx, mut jobs_rx) = mpsc::unbounded_channel::<Job>();
@@ -95,7 +137,7 @@ pub fn spawn(
         loop {
             // Sleep until the next command or the next removal deadline
             // (rule 10), whichever comes first.
-            let job: Job = match model.next_deadline() {
+            let job: Job = match owned.model.next_deadline() {
                 None => match jobs_rx.recv().await {
                     Some(job) => job,
                     None => break,
@@ -108,8 +150,8 @@ pub fn spawn(
                             Some(job) => job,
                             None => break,
                         },
-                        () = tokio::time::sleep(wait) => Box::new(|m: &mut Model| {
-                            m.tick(now_micros());
+                        () = tokio::time::sleep(wait) => Box::new(|o: &mut Owned| {
+                            o.model.tick(now_micros());
                             Box::new(|| ()) as Deliver
                         }),
                     }
@@ -119,18 +161,38 @@ pub fn spawn(
             // publishing: one holders snapshot per object for all of them.
             // A burst (thousands of holders dying at once) would otherwise
             // copy an object's whole holder list once per release.
-            let mut deliver = vec![job(&mut model)];
+            let mut deliver = vec![job(&mut owned)];
             while deliver.len() < MAX_JOBS_PER_BATCH {
                 match jobs_rx.try_recv() {
-                    Ok(job) => deliver.push(job(&mut model)),
+                    Ok(job) => deliver.push(job(&mut owned)),
                     Err(_) => break,
                 }
+            }
+            let Owned {
+                model,
+                tracker,
+                announce_all,
+            } = &mut owned;
+            let mut events = model.take_events();
+            // The tracker may act on the model too (a real device's admin
+            // state from before a restart): it appends what that caused.
+            let changes = match tracker {
+                Some(tracker) => tracker.observe(model, &mut events, now_micros()),
+                None => Vec::new(),
+            };
+            if std::mem::take(announce_all) {
+                // The model as it stands already includes what these events
+                // say; parents come before children (ids only grow).
+                events = model
+                    .list()
+                    .into_iter()
+                    .map(|info| Event::Added(Box::new(info)))
+                    .collect();
             }
             // Driver actions run elsewhere; their completion is a later command.
             for effect in model.take_effects() {
                 let _ = effects.send(effect);
             }
-            let events = model.take_events();
             let holders = events
                 .iter()
                 .filter_map(|e| match e {
@@ -151,6 +213,7 @@ pub fn spawn(
                     model.pending_removals(),
                 ),
                 deliver,
+                changes,
             };
             if batch_tx.send(batch).is_err() {
                 break;

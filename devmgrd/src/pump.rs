@@ -10,7 +10,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use zbus::names::InterfaceName;
 use zbus::object_server::{InterfaceRef, SignalEmitter};
 use zbus::{Connection, ObjectServer, Variant};
@@ -43,11 +43,39 @@ const MAX_GROUP: usize = 256;
 /// what clients last saw — as systemd coalesces property changes per
 /// event-loop turn. Every reply still follows the signals its call caused.
 /// A sequential client (no backlog) sees every change.
-pub async fn run(conn: Connection, shared: Shared, mut batches: mpsc::UnboundedReceiver<Batch>) {
+///
+/// Sending on `stop` ends it between groups and hands the batches back
+/// (for a pump on another connection); dropping `stop` never ends it.
+pub async fn run(
+    conn: Connection,
+    shared: Shared,
+    mut batches: mpsc::UnboundedReceiver<Batch>,
+    stop: oneshot::Receiver<()>,
+) -> mpsc::UnboundedReceiver<Batch> {
     let server = conn.object_server();
     let mut published_counts = (0, 0);
     let mut group = Vec::new();
-    while let Some(first) = batches.recv().await {
+    let mut stop = Some(stop);
+    loop {
+        let first = tokio::select! {
+            biased;
+            stopped = async {
+                match stop.as_mut() {
+                    Some(stop) => stop.await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            } => {
+                if stopped {
+                    return batches;
+                }
+                stop = None;
+                continue;
+            }
+            batch = batches.recv() => match batch {
+                Some(batch) => batch,
+                None => return batches,
+            },
+        };
         group.push(first);
         while group.len() < MAX_GROUP {
             match batches.try_recv() {

@@ -510,3 +510,43 @@ async fn a_renamed_interface_keeps_its_object() {
     );
     assert_eq!(object.name().await.expect("Name"), renamed);
 }
+
+/// `--state-dir` with a real device: its admin state comes back by sys
+/// path after a SIGKILL; if the device went while the daemon was down, the
+/// state is forgotten, and the device that later takes its place is live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_devices_admin_state_survives_a_restart_by_sys_path() {
+    let dir = TempDir::unique("state-udev");
+    let state_dir = dir.0.to_str().expect("utf-8 path").to_owned();
+    let args = ["--udev-source", "kernel", "--subsystems", "block"];
+    let with_state = [&args[..], &["--state-dir", &state_dir]].concat();
+    let (bus, mut daemon, client) = watching("kernel", "block", &["--state-dir", &state_dir]).await;
+    let device = Loop::create(9000);
+    appears(&client, &device.name()).await;
+    assert!(devctl(&bus, &["stop", &device.name()]).status.success());
+    daemon.child.kill().expect("SIGKILL");
+    let _ = daemon.child.wait();
+
+    let mut daemon = Daemon::start_with_args(&bus, &with_state);
+    let client = Client::connect(&bus.address).await;
+    let path = appears(&client, &device.name()).await;
+    eventually("the device stopped again", || async {
+        client.state(&path).await.as_deref() == Some("stopped")
+    })
+    .await;
+    daemon.child.kill().expect("SIGKILL");
+    let _ = daemon.child.wait();
+
+    // Gone while nobody watched: the next start forgets its state...
+    device.delete();
+    let daemon = Daemon::start_with_args(&bus, &with_state);
+    daemon.wait_for_log("coldplug");
+    let (status, _) = daemon.terminate();
+    assert!(status.success());
+    // ...so the same sys path, a new device, is live.
+    let device = Loop::create(9000);
+    let _daemon = Daemon::start_with_args(&bus, &with_state);
+    let client = Client::connect(&bus.address).await;
+    let path = appears(&client, &device.name()).await;
+    assert_eq!(client.state(&path).await.as_deref(), Some("live"));
+}
