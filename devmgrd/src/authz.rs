@@ -1,11 +1,15 @@
 //! Who may change things (issue 6). A mutating call (Add, Remove, Stop,
 //! Reenable, Bind, Unbind) is allowed to root, to the daemon's own uid (so
-//! on a session or embedded bus its owner is trusted), and to members of the
-//! group given by `--authorized-group`; anyone else gets AccessDenied and
-//! nothing changes. Acquire is open to everyone unless
-//! `--restrict-acquire` says it is a mutation too. References are released
-//! only by closing their handle: no call drops another client's reference.
-//! (polkit is not consulted yet.)
+//! on a session or embedded bus its owner is trusted), to members of the
+//! group given by `--authorized-group`, and to whoever polkit authorizes
+//! for the call's action (`org.devmgr.DevMgr1.<verb>`, one per verb, with
+//! a forced removal its own: data/org.devmgr.DevMgr1.policy) when polkitd
+//! runs on the bus; anyone else gets AccessDenied and nothing changes.
+//! polkit may ask the user to authenticate only when the call allows
+//! interactive authorization (its header flag). Acquire is open to everyone
+//! unless `--restrict-acquire` says it is a mutation too. References are
+//! released only by closing their handle: no call drops another client's
+//! reference.
 
 use std::sync::Arc;
 
@@ -19,6 +23,8 @@ use crate::peers::{Caller, Peers};
 pub enum Verb {
     Add,
     Remove,
+    /// A removal that revokes references.
+    RemoveForce,
     Stop,
     Reenable,
     Bind,
@@ -31,6 +37,7 @@ impl Verb {
         match self {
             Verb::Add => "add objects",
             Verb::Remove => "remove objects",
+            Verb::RemoveForce => "force removals",
             Verb::Stop => "stop objects",
             Verb::Reenable => "re-enable objects",
             Verb::Bind => "bind objects",
@@ -38,6 +45,33 @@ impl Verb {
             Verb::Acquire => "take references",
         }
     }
+
+    /// The polkit action that authorizes it.
+    pub fn action_id(self) -> &'static str {
+        match self {
+            Verb::Add => "org.devmgr.DevMgr1.add",
+            Verb::Remove => "org.devmgr.DevMgr1.remove",
+            Verb::RemoveForce => "org.devmgr.DevMgr1.remove-force",
+            Verb::Stop => "org.devmgr.DevMgr1.stop",
+            Verb::Reenable => "org.devmgr.DevMgr1.reenable",
+            Verb::Bind => "org.devmgr.DevMgr1.bind",
+            Verb::Unbind => "org.devmgr.DevMgr1.unbind",
+            Verb::Acquire => "org.devmgr.DevMgr1.acquire",
+        }
+    }
+
+    /// Every verb (the policy file must name each one's action).
+    #[cfg(test)]
+    const ALL: [Verb; 8] = [
+        Verb::Add,
+        Verb::Remove,
+        Verb::RemoveForce,
+        Verb::Stop,
+        Verb::Reenable,
+        Verb::Bind,
+        Verb::Unbind,
+        Verb::Acquire,
+    ];
 }
 
 /// The rules, fixed at start.
@@ -114,9 +148,53 @@ impl Authorizer {
             .sender()
             .ok_or_else(|| proto::Error::AccessDenied("the call has no sender".into()))?;
         let caller = self.peers.caller(conn, sender).await?;
-        self.policy.check(&caller, verb)?;
-        Ok(caller)
+        let Err(denied) = self.policy.check(&caller, verb) else {
+            return Ok(caller);
+        };
+        match polkit_allows(conn, header, verb).await {
+            Ok(true) => Ok(caller),
+            Ok(false) => Err(proto::Error::AccessDenied(format!(
+                "{denied_text}, and polkit did not authorize {action}",
+                denied_text = text_of(denied),
+                action = verb.action_id()
+            ))),
+            Err(why) => {
+                tracing::debug!("polkit not consulted: {why}");
+                Err(denied)
+            }
+        }
     }
+}
+
+fn text_of(e: proto::Error) -> String {
+    match e {
+        proto::Error::AccessDenied(text) => text,
+        other => other.to_string(),
+    }
+}
+
+/// Asks polkit (on the bus the call came over, where it lives with the
+/// caller) whether the caller may do `verb`. Err: polkit did not answer
+/// (it does not run there: on a session or embedded bus, say).
+async fn polkit_allows(conn: &Connection, header: &Header<'_>, verb: Verb) -> Result<bool, String> {
+    use zbus_polkit::policykit1::{AuthorityProxy, CheckAuthorizationFlags, Subject};
+    let subject = Subject::new_for_message_header(header).map_err(|e| e.to_string())?;
+    let authority = AuthorityProxy::new(conn).await.map_err(|e| e.to_string())?;
+    let interactive = header
+        .primary()
+        .flags()
+        .contains(zbus::message::Flags::ALLOW_INTERACTIVE_AUTH);
+    let flags = if interactive {
+        CheckAuthorizationFlags::ALLOW_USER_INTERACTION
+    } else {
+        CheckAuthorizationFlags::empty()
+    };
+    let details = std::collections::HashMap::new();
+    let result = authority
+        .check_authorization(&subject, verb.action_id(), &details, flags, "")
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(result.is_authorized)
 }
 
 #[cfg(test)]
@@ -133,6 +211,17 @@ mod tests {
             }),
             groups: groups.to_vec(),
         }
+    }
+
+    /// Every verb's action is in the polkit policy that ships, once.
+    #[test]
+    fn the_polkit_policy_names_every_action() {
+        let policy = include_str!("../../data/org.devmgr.DevMgr1.policy");
+        for verb in Verb::ALL {
+            let action = format!("<action id=\"{}\">", verb.action_id());
+            assert_eq!(policy.matches(&action).count(), 1, "{action}");
+        }
+        assert_eq!(policy.matches("<action id=").count(), Verb::ALL.len());
     }
 
     #[test]

@@ -269,9 +269,14 @@ impl ObjectIface {
         #[zbus(connection)] conn: &zbus::Connection,
         #[zbus(header)] header: Header<'_>,
     ) -> Result<(String, Vec<OwnedObjectPath>), proto::Error> {
-        self.shared.authz.allow(conn, &header, Verb::Remove).await?;
         use proto::remove_options as keys;
         let force = flag(&mut options, keys::FORCE)?;
+        let verb = if force {
+            Verb::RemoveForce
+        } else {
+            Verb::Remove
+        };
+        self.shared.authz.allow(conn, &header, verb).await?;
         let dry_run = flag(&mut options, keys::DRY_RUN)?;
         let timeout = optional_u32(&mut options, keys::TIMEOUT_SEC)?;
         let on_timeout = match options.remove(keys::ON_TIMEOUT) {

@@ -13,7 +13,7 @@ use devmgr_tests::*;
 /// The stock system bus configuration, listening on `socket`, with our
 /// policy file included and what a private test bus must not do (fork,
 /// switch user, write a pid file, activate services) taken out.
-fn system_config(socket: &Path, policy: &Path) -> String {
+fn system_config(socket: &Path, policies: &[&Path]) -> String {
     let stock = std::fs::read_to_string("/usr/share/dbus-1/system.conf")
         .expect("/usr/share/dbus-1/system.conf (package dbus)");
     let mut out = String::new();
@@ -42,7 +42,9 @@ fn system_config(socket: &Path, policy: &Path) -> String {
             continue;
         }
         if t == "</busconfig>" {
-            out.push_str(&format!("  <include>{}</include>\n", policy.display()));
+            for policy in policies {
+                out.push_str(&format!("  <include>{}</include>\n", policy.display()));
+            }
         }
         out.push_str(line);
         out.push('\n');
@@ -64,12 +66,20 @@ impl Drop for SystemBus {
 }
 
 fn start_system_bus() -> SystemBus {
+    start_system_bus_with(&[])
+}
+
+/// Same, with other services' stock bus policies too (polkitd's).
+fn start_system_bus_with(other_policies: &[&Path]) -> SystemBus {
     let dir = TempDir::unique("system-bus");
     std::fs::create_dir_all(&dir.0).expect("temp dir");
     let socket = dir.0.join("system_bus_socket");
     let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/org.devmgr.DevMgr1.conf");
     let config = dir.0.join("system.conf");
-    std::fs::write(&config, system_config(&socket, &policy)).expect("config");
+    let policies: Vec<&Path> = std::iter::once(policy.as_path())
+        .chain(other_policies.iter().copied())
+        .collect();
+    std::fs::write(&config, system_config(&socket, &policies)).expect("config");
     let child = Command::new("dbus-daemon")
         .arg(format!("--config-file={}", config.display()))
         .arg("--nofork")
@@ -250,5 +260,162 @@ async fn an_unprivileged_caller_may_acquire_but_not_change_anything() {
     assert_eq!(
         allowed,
         "Add ok\nStop ok\nReenable ok\nBind ok\nUnbind ok\nRemove ok\nAcquire org.freedesktop.DBus.Error.UnknownObject\n"
+    );
+}
+
+/// A file put in place for one test and removed after it.
+struct Installed(std::path::PathBuf);
+
+impl Installed {
+    fn new(path: impl Into<std::path::PathBuf>, contents: &str) -> Installed {
+        let path = path.into();
+        std::fs::write(&path, contents)
+            .unwrap_or_else(|e| panic!("cannot write {} (root needed): {e}", path.display()));
+        Installed(path)
+    }
+}
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// polkitd on a system-type bus.
+struct Polkitd(Child);
+
+impl Drop for Polkitd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_polkitd(address: &str) -> Polkitd {
+    let polkitd = "/usr/lib/polkit-1/polkitd";
+    assert!(
+        Path::new(polkitd).exists(),
+        "{polkitd} is missing (package polkitd; .ci/deps installs it)"
+    );
+    // It starts as root and switches to its own user by itself.
+    let child = Command::new(polkitd)
+        .env("DBUS_SYSTEM_BUS_ADDRESS", address)
+        .arg("--no-debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("polkitd");
+    let polkitd = Polkitd(child);
+    wait_for(
+        || {
+            busctl_at(address, &["status", "org.freedesktop.PolicyKit1"])
+                .status
+                .success()
+        },
+        "polkitd on the system-type bus",
+    );
+    polkitd
+}
+
+/// polkit (issue 6): a caller who is neither root nor in the authorized
+/// group is allowed what polkit authorizes, action by action — a forced
+/// removal is an action of its own — and denied the rest, which changes
+/// nothing. A rule grants `nobody` stop and remove, not add or force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polkit_authorizes_each_verb_on_its_own() {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data");
+    let actions = std::fs::read_to_string(data.join("org.devmgr.DevMgr1.policy")).expect("policy");
+    let _actions = Installed::new(
+        format!(
+            "/usr/share/polkit-1/actions/org.devmgr.DevMgr1.test-{}.policy",
+            std::process::id()
+        ),
+        &actions,
+    );
+    let _rule = Installed::new(
+        format!(
+            "/etc/polkit-1/rules.d/10-devmgr-test-{}.rules",
+            std::process::id()
+        ),
+        r#"polkit.addRule(function(action, subject) {
+    if (subject.user == "nobody" &&
+        (action.id == "org.devmgr.DevMgr1.stop" || action.id == "org.devmgr.DevMgr1.remove"))
+        return polkit.Result.YES;
+});
+"#,
+    );
+    let bus = start_system_bus_with(&[Path::new(
+        "/usr/share/dbus-1/system.d/org.freedesktop.PolicyKit1.conf",
+    )]);
+    let _polkitd = start_polkitd(&bus.address);
+    let _daemon = Daemon::start_at(&bus.address, &["--no-udev"]);
+    let root = Client::connect(&bus.address).await;
+    let target = root.add("device", "pk-target", None, none()).await;
+    let _fd = root.acquire(&target).await;
+
+    let call = |args: &[&str]| {
+        let mut all = vec!["--address", &bus.address, "call", proto::BUS_NAME];
+        all.extend_from_slice(args);
+        as_nobody("busctl", &all)
+    };
+    let object = target.as_str();
+    let stop = call(&[object, proto::OBJECT_INTERFACE, "Stop", "a{sv}", "0"]);
+    assert!(
+        stop.status.success(),
+        "polkit allows nobody to stop: {}",
+        String::from_utf8_lossy(&stop.stderr)
+    );
+    assert_eq!(root.state(&target).await.as_deref(), Some("stopped"));
+
+    let forced = call(&[
+        object,
+        proto::OBJECT_INTERFACE,
+        "Remove",
+        "a{sv}",
+        "1",
+        "force",
+        "b",
+        "true",
+    ]);
+    let said = String::from_utf8_lossy(&forced.stderr);
+    assert!(!forced.status.success(), "a forced removal is not granted");
+    assert!(
+        said.contains("org.devmgr.DevMgr1.remove-force"),
+        "the refusal names the action: {said}"
+    );
+    assert_eq!(
+        root.state(&target).await.as_deref(),
+        Some("stopped"),
+        "nothing changed"
+    );
+    assert_eq!(
+        root.ref_count(&target).await,
+        Some(1),
+        "the reference is still held"
+    );
+
+    let add = call(&[
+        proto::MANAGER_PATH,
+        proto::MANAGER_INTERFACE,
+        "Add",
+        "ssoa{sv}",
+        "device",
+        "pk-new",
+        "/",
+        "0",
+    ]);
+    assert!(!add.status.success(), "add is not granted");
+    assert!(root.manager.find_object("device", "pk-new").await.is_err());
+
+    let remove = call(&[object, proto::OBJECT_INTERFACE, "Remove", "a{sv}", "0"]);
+    assert!(
+        remove.status.success(),
+        "polkit allows nobody a plain removal: {}",
+        String::from_utf8_lossy(&remove.stderr)
+    );
+    assert_eq!(
+        root.state(&target).await.as_deref(),
+        Some("removing"),
+        "pending on the reference"
     );
 }
