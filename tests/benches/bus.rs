@@ -4,7 +4,8 @@
 //! Acquire/Release flood against the idle daemon, and GetManagedObjects at
 //! 1,000 and 100,000 objects. Prints a table; docs/benchmarks.md keeps the
 //! numbers. Run: `cargo bench -p devmgr-tests --bench bus [-- SECTION...]`
-//! with SECTION one of `ping`, `interference`, `managed` (default: all).
+//! with SECTION one of `ping`, `interference`, `managed`, `state` (default:
+//! all). `state`: Add+Remove with and without `--state-dir`.
 
 use std::time::{Duration, Instant};
 
@@ -314,6 +315,38 @@ async fn managed_objects(bus: &TestBus) {
     }
 }
 
+/// Add+Remove latency without and with `--state-dir` (an fsync before
+/// each reply), and the rate of 8 concurrent clients with it (their
+/// changes share fsyncs).
+async fn durable(bus: &TestBus, label: &str) {
+    let c = Client::connect(&bus.address).await;
+    add_remove_samples(&c, 5_000, 0)
+        .await
+        .row(&format!("Add+Remove, one client, {label}"));
+    let started = Instant::now();
+    let clients = 8;
+    let each = 1_000;
+    let tasks: Vec<_> = (0..clients)
+        .map(|k| {
+            let address = bus.address.clone();
+            tokio::spawn(async move {
+                let c = Client::connect(&address).await;
+                for i in 0..each {
+                    add_remove(&c, 1_000_000 * (k + 1) + i).await;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("client");
+    }
+    let rate = (clients * each) as f64 / started.elapsed().as_secs_f64();
+    println!(
+        "{:<52} {rate:.0} Add+Remove/s",
+        format!("8 clients, {label}")
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -337,6 +370,16 @@ fn main() {
             let _daemon =
                 Daemon::start_with_args(&bus, &["--no-udev", "--max-references-per-client", "0"]);
             interference(&bus).await;
+        }
+        if wants("state") {
+            let bus = TestBus::start();
+            let daemon = Daemon::start(&bus);
+            durable(&bus, "in memory").await;
+            drop(daemon);
+            let dir = TempDir::unique("bench-state");
+            let state_dir = dir.0.to_str().expect("utf-8 path").to_owned();
+            let _daemon = Daemon::start_with_args(&bus, &["--no-udev", "--state-dir", &state_dir]);
+            durable(&bus, "--state-dir (fsync'd)").await;
         }
         if wants("managed") {
             let bus = TestBus::start();
