@@ -391,6 +391,13 @@ impl Daemon {
         );
     }
 
+    /// SIGKILLs it and waits until it is gone (a crash, for tests of what
+    /// survives one).
+    pub fn sigkill(&mut self) {
+        self.child.kill().expect("SIGKILL devmgrd");
+        let _ = self.child.wait();
+    }
+
     /// Sends SIGTERM and returns the exit status and the whole log.
     pub fn terminate(mut self) -> (std::process::ExitStatus, String) {
         let pid = self.child.id().to_string();

@@ -28,6 +28,35 @@ fn key(kind: &str, name: &str) -> (String, String) {
     (kind.to_owned(), name.to_owned())
 }
 
+/// A state directory for one test, and the daemon arguments that use it.
+struct StateDir {
+    dir: TempDir,
+    path: String,
+}
+
+impl StateDir {
+    fn new(tag: &str) -> StateDir {
+        let dir = TempDir::unique(tag);
+        let path = dir.0.to_str().expect("utf-8 path").to_owned();
+        StateDir { dir, path }
+    }
+
+    /// `--no-udev --state-dir DIR`.
+    fn args(&self) -> [&str; 3] {
+        ["--no-udev", "--state-dir", &self.path]
+    }
+
+    /// The journal the directory holds now.
+    fn journal(&self) -> std::path::PathBuf {
+        std::fs::read_dir(&self.dir.0)
+            .expect("state dir")
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| p.to_string_lossy().contains("journal."))
+            .expect("a journal")
+    }
+}
+
 /// What the daemon holds now, from `devctl --json list`.
 fn actual(bus: &TestBus) -> Objects {
     let out = devctl(bus, &["--json", "list"]);
@@ -343,9 +372,8 @@ async fn acknowledged_changes_survive_sigkill() {
         .and_then(|n| n.parse().ok())
         .unwrap_or(20);
     let bus = TestBus::start();
-    let dir = TempDir::unique("state");
-    let state_dir = dir.0.to_str().expect("utf-8 path").to_owned();
-    let args = ["--no-udev", "--state-dir", &state_dir];
+    let state = StateDir::new("state");
+    let args = state.args();
     let mut known: Vec<Objects> = vec![Objects::new(); CLIENTS as usize];
     let mut serials = vec![0u32; CLIENTS as usize];
     let mut acknowledged = 0usize;
@@ -395,8 +423,7 @@ async fn acknowledged_changes_survive_sigkill() {
         }
         let wait = 20 + random.below(300) as u64;
         tokio::time::sleep(Duration::from_millis(wait)).await;
-        daemon.child.kill().expect("SIGKILL devmgrd");
-        let _ = daemon.child.wait();
+        daemon.sigkill();
         stop.store(true, Ordering::Relaxed);
         let mut in_flight = Vec::new();
         for (c, task) in tasks.into_iter().enumerate() {
@@ -448,18 +475,12 @@ async fn acknowledged_changes_survive_sigkill() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_state_file_is_named_and_a_torn_last_line_skipped() {
     let bus = TestBus::start();
-    let dir = TempDir::unique("state-bad");
-    let state_dir = dir.0.to_str().expect("utf-8 path").to_owned();
-    let args = ["--no-udev", "--state-dir", &state_dir];
+    let state = StateDir::new("state-bad");
+    let args = state.args();
     let daemon = Daemon::start_with_args(&bus, &args);
     assert!(devctl(&bus, &["add", "driver", "kept"]).status.success());
     drop(daemon);
-    let journal = std::fs::read_dir(&dir.0)
-        .expect("state dir")
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .find(|p| p.to_string_lossy().contains("journal."))
-        .expect("a journal");
+    let journal = state.journal();
     let good = std::fs::read_to_string(&journal).expect("journal");
     assert_eq!(good.lines().count(), 1, "one change: {good}");
 
@@ -473,12 +494,7 @@ async fn a_bad_state_file_is_named_and_a_torn_last_line_skipped() {
     assert!(status.success());
 
     // Garbage before the end: refused, named.
-    let journal = std::fs::read_dir(&dir.0)
-        .expect("state dir")
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .find(|p| p.to_string_lossy().contains("journal."))
-        .expect("a journal");
+    let journal = state.journal();
     std::fs::write(&journal, "{\"put\":7}\n{\"sequence\":9}\n").expect("write");
     let out = Command::new(binary("devmgrd"))
         .args(["--bus", &bus.address])
@@ -498,17 +514,11 @@ async fn a_bad_state_file_is_named_and_a_torn_last_line_skipped() {
 async fn a_state_directory_has_one_daemon() {
     let bus = TestBus::start();
     let other = TestBus::start();
-    let dir = TempDir::unique("state-lock");
-    let state_dir = dir.0.to_str().expect("utf-8 path").to_owned();
-    let _daemon = Daemon::start_with_args(&bus, &["--no-udev", "--state-dir", &state_dir]);
+    let state = StateDir::new("state-lock");
+    let _daemon = Daemon::start_with_args(&bus, &state.args());
     let out = Command::new(binary("devmgrd"))
-        .args([
-            "--bus",
-            &other.address,
-            "--no-udev",
-            "--state-dir",
-            &state_dir,
-        ])
+        .args(["--bus", &other.address])
+        .args(state.args())
         .output()
         .expect("devmgrd");
     let log = String::from_utf8_lossy(&out.stderr);
@@ -522,9 +532,8 @@ async fn a_state_directory_has_one_daemon() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn references_do_not_survive_a_restart() {
     let bus = TestBus::start();
-    let dir = TempDir::unique("state-refs");
-    let state_dir = dir.0.to_str().expect("utf-8 path").to_owned();
-    let args = ["--no-udev", "--state-dir", &state_dir];
+    let state = StateDir::new("state-refs");
+    let args = state.args();
     let mut daemon = Daemon::start_with_args(&bus, &args);
     let client = Client::connect(&bus.address).await;
     let held = client.add("device", "held", None, none()).await;
@@ -538,8 +547,7 @@ async fn references_do_not_survive_a_restart() {
         .stop(none())
         .await
         .expect("stop");
-    daemon.child.kill().expect("SIGKILL");
-    let _ = daemon.child.wait();
+    daemon.sigkill();
     assert!(handle_closed_by_daemon(fd), "the holder sees the hang-up");
     let _daemon = Daemon::start_with_args(&bus, &args);
     let client = Client::connect(&bus.address).await;

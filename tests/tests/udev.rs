@@ -524,8 +524,7 @@ async fn a_real_devices_admin_state_survives_a_restart_by_sys_path() {
     let device = Loop::create(9000);
     appears(&client, &device.name()).await;
     assert!(devctl(&bus, &["stop", &device.name()]).status.success());
-    daemon.child.kill().expect("SIGKILL");
-    let _ = daemon.child.wait();
+    daemon.sigkill();
 
     let mut daemon = Daemon::start_with_args(&bus, &with_state);
     let client = Client::connect(&bus.address).await;
@@ -534,8 +533,7 @@ async fn a_real_devices_admin_state_survives_a_restart_by_sys_path() {
         client.state(&path).await.as_deref() == Some("stopped")
     })
     .await;
-    daemon.child.kill().expect("SIGKILL");
-    let _ = daemon.child.wait();
+    daemon.sigkill();
 
     // Gone while nobody watched: the next start forgets its state...
     device.delete();
