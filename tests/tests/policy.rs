@@ -353,13 +353,45 @@ async fn polkit_authorizes_each_verb_on_its_own() {
     let target = root.add("device", "pk-target", None, none()).await;
     let _fd = root.acquire(&target).await;
 
-    let call = |args: &[&str]| {
-        let mut all = vec!["--address", &bus.address, "call", proto::BUS_NAME];
+    // What devmgrd asks polkit, as the bus carries it.
+    let monitor_out = TempDir::unique("polkit-monitor");
+    std::fs::create_dir_all(&monitor_out.0).expect("temp dir");
+    let seen = monitor_out.0.join("messages.json");
+    let mut monitor = Command::new("busctl")
+        .args(["--address", &bus.address, "monitor", "--json=short"])
+        .stdout(std::fs::File::create(&seen).expect("monitor output"))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("busctl monitor");
+    wait_for(
+        || {
+            busctl_at(
+                &bus.address,
+                &[
+                    "call",
+                    "org.freedesktop.DBus",
+                    "/org/freedesktop/DBus",
+                    "org.freedesktop.DBus",
+                    "GetId",
+                ],
+            );
+            std::fs::read_to_string(&seen).is_ok_and(|s| s.contains("GetId"))
+        },
+        "the bus monitor",
+    );
+
+    // busctl allows interactive authorization unless told not to.
+    let call = |interactive: bool, args: &[&str]| {
+        let flag = format!("--allow-interactive-authorization={interactive}");
+        let mut all = vec!["--address", &bus.address, &flag, "call", proto::BUS_NAME];
         all.extend_from_slice(args);
         as_nobody("busctl", &all)
     };
     let object = target.as_str();
-    let stop = call(&[object, proto::OBJECT_INTERFACE, "Stop", "a{sv}", "0"]);
+    let stop = call(
+        true,
+        &[object, proto::OBJECT_INTERFACE, "Stop", "a{sv}", "0"],
+    );
     assert!(
         stop.status.success(),
         "polkit allows nobody to stop: {}",
@@ -367,16 +399,19 @@ async fn polkit_authorizes_each_verb_on_its_own() {
     );
     assert_eq!(root.state(&target).await.as_deref(), Some("stopped"));
 
-    let forced = call(&[
-        object,
-        proto::OBJECT_INTERFACE,
-        "Remove",
-        "a{sv}",
-        "1",
-        "force",
-        "b",
-        "true",
-    ]);
+    let forced = call(
+        false,
+        &[
+            object,
+            proto::OBJECT_INTERFACE,
+            "Remove",
+            "a{sv}",
+            "1",
+            "force",
+            "b",
+            "true",
+        ],
+    );
     let said = String::from_utf8_lossy(&forced.stderr);
     assert!(!forced.status.success(), "a forced removal is not granted");
     assert!(
@@ -394,20 +429,26 @@ async fn polkit_authorizes_each_verb_on_its_own() {
         "the reference is still held"
     );
 
-    let add = call(&[
-        proto::MANAGER_PATH,
-        proto::MANAGER_INTERFACE,
-        "Add",
-        "ssoa{sv}",
-        "device",
-        "pk-new",
-        "/",
-        "0",
-    ]);
+    let add = call(
+        false,
+        &[
+            proto::MANAGER_PATH,
+            proto::MANAGER_INTERFACE,
+            "Add",
+            "ssoa{sv}",
+            "device",
+            "pk-new",
+            "/",
+            "0",
+        ],
+    );
     assert!(!add.status.success(), "add is not granted");
     assert!(root.manager.find_object("device", "pk-new").await.is_err());
 
-    let remove = call(&[object, proto::OBJECT_INTERFACE, "Remove", "a{sv}", "0"]);
+    let remove = call(
+        false,
+        &[object, proto::OBJECT_INTERFACE, "Remove", "a{sv}", "0"],
+    );
     assert!(
         remove.status.success(),
         "polkit allows nobody a plain removal: {}",
@@ -417,5 +458,34 @@ async fn polkit_authorizes_each_verb_on_its_own() {
         root.state(&target).await.as_deref(),
         Some("removing"),
         "pending on the reference"
+    );
+
+    // polkit may ask the user only when the caller allowed it: the flag
+    // (1, AllowUserInteraction) goes with the Stop, not with the others.
+    let _ = monitor.kill();
+    let _ = monitor.wait();
+    let asked: Vec<(String, u64)> = std::fs::read_to_string(&seen)
+        .expect("monitor output")
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|m| m["member"] == "CheckAuthorization")
+        .map(|m| {
+            let args = &m["payload"]["data"];
+            (
+                args[1].as_str().unwrap_or_default().to_owned(),
+                args[3].as_u64().unwrap_or(99),
+            )
+        })
+        .collect();
+    let action = |verb: &str| format!("org.devmgr.DevMgr1.{verb}");
+    assert_eq!(
+        asked,
+        [
+            (action("stop"), 1),
+            (action("remove-force"), 0),
+            (action("add"), 0),
+            (action("remove"), 0),
+        ],
+        "devmgrd's questions to polkit"
     );
 }
