@@ -1590,10 +1590,18 @@ impl Model {
         }
         match result {
             Ok(()) => {
-                let (parent, driver) = (self.obj(key).parent, self.obj(key).driver);
+                let o = self.obj(key);
+                let next: Vec<(Key, ObjectId)> = [o.parent, o.driver]
+                    .into_iter()
+                    .filter(|&p| p != NONE)
+                    .map(|p| (p, self.obj(p).id))
+                    .collect();
                 self.finish_removal(key);
-                for p in [parent, driver] {
-                    if p != NONE {
+                // Settling the parent can complete the driver too (when the
+                // parent is bound to the same removing driver): then there
+                // is nothing left to settle there.
+                for (p, id) in next {
+                    if self.alive(p, id) {
                         self.settle(p);
                     }
                 }
