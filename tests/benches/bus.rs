@@ -348,16 +348,8 @@ async fn durable(bus: &TestBus, label: &str) {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    let wants = |s: &str| args.is_empty() || args.iter().any(|a| a == s);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let wants = bench_sections();
+    let runtime = bench_runtime();
     runtime.block_on(async {
         if wants("ping") {
             let bus = TestBus::start();

@@ -127,11 +127,7 @@ fn main() {
         .ok()
         .and_then(|m| m.parse().ok())
         .unwrap_or(10);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = bench_runtime();
     runtime.block_on(async {
         let bus = TestBus::start();
         let daemon =

@@ -41,6 +41,26 @@ impl Drop for TempDir {
     }
 }
 
+/// The runtime the benchmark binaries run on: two workers, as the
+/// machines have two cores.
+pub fn bench_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Which sections a benchmark binary was asked for: the command line's
+/// words that are not flags (cargo bench passes `--bench`); none means all.
+pub fn bench_sections() -> impl Fn(&str) -> bool {
+    let asked: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    move |section| asked.is_empty() || asked.iter().any(|a| a == section)
+}
+
 /// Polls `ready` every 20 ms; panics after 10 s.
 pub fn wait_for(mut ready: impl FnMut() -> bool, what: &str) {
     let start = Instant::now();

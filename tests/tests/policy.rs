@@ -95,6 +95,13 @@ fn start_system_bus_with(other_policies: &[&Path]) -> SystemBus {
     }
 }
 
+/// `busctl --address ADDRESS args…` as `nobody`.
+fn busctl_as_nobody(address: &str, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["--address", address];
+    all.extend_from_slice(args);
+    as_nobody("busctl", &all)
+}
+
 /// Runs `program args` as `nobody`.
 fn as_nobody(program: &str, args: &[&str]) -> std::process::Output {
     Command::new("setpriv")
@@ -111,11 +118,9 @@ fn only_root_owns_the_name_and_anyone_may_call() {
     let _daemon = Daemon::start_at(&bus.address, &["--no-udev"]);
 
     // nobody may call: a property read and a method call both reach devmgrd.
-    let out = as_nobody(
-        "busctl",
+    let out = busctl_as_nobody(
+        &bus.address,
         &[
-            "--address",
-            &bus.address,
             "get-property",
             proto::BUS_NAME,
             proto::MANAGER_PATH,
@@ -128,11 +133,9 @@ fn only_root_owns_the_name_and_anyone_may_call() {
         "nobody cannot read a property: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = as_nobody(
-        "busctl",
+    let out = busctl_as_nobody(
+        &bus.address,
         &[
-            "--address",
-            &bus.address,
             "call",
             proto::BUS_NAME,
             proto::MANAGER_PATH,
@@ -165,11 +168,9 @@ fn only_root_owns_the_name_and_anyone_may_call() {
 
     // Without our policy file nobody could not even call (the stock default
     // denies method calls): the file is what opens the door.
-    let out = as_nobody(
-        "busctl",
+    let out = busctl_as_nobody(
+        &bus.address,
         &[
-            "--address",
-            &bus.address,
             "call",
             "org.freedesktop.DBus",
             "/org/freedesktop/DBus",
@@ -383,9 +384,9 @@ async fn polkit_authorizes_each_verb_on_its_own() {
     // busctl allows interactive authorization unless told not to.
     let call = |interactive: bool, args: &[&str]| {
         let flag = format!("--allow-interactive-authorization={interactive}");
-        let mut all = vec!["--address", &bus.address, &flag, "call", proto::BUS_NAME];
+        let mut all = vec![flag.as_str(), "call", proto::BUS_NAME];
         all.extend_from_slice(args);
-        as_nobody("busctl", &all)
+        busctl_as_nobody(&bus.address, &all)
     };
     let object = target.as_str();
     let stop = call(
