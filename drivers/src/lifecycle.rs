@@ -1539,11 +1539,16 @@ impl Model {
                 "only a host or device can be bound, and only to a driver",
             ));
         }
-        if self.obj(key).gone {
-            return Err(Error::invalid_state(format!(
-                "{} is gone from the kernel: it cannot be bound",
-                self.describe(key)
-            )));
+        // A bind uevent naming what the kernel already removed is stale:
+        // binding to a gone driver would leave the object on a driver that
+        // no removal will ever unbind it from.
+        for k in [key, d] {
+            if self.obj(k).gone {
+                return Err(Error::invalid_state(format!(
+                    "{} is gone from the kernel: it cannot be bound",
+                    self.describe(k)
+                )));
+            }
         }
         let old = self.obj(key).driver;
         if old == d {

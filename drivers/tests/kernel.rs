@@ -105,6 +105,36 @@ fn the_kernel_binds_rebinds_and_unbinds() {
 }
 
 #[test]
+fn a_bind_to_a_driver_the_kernel_removed_is_stale_and_changes_nothing() {
+    let mut m = Model::default();
+    let dev = udev_device(&mut m, "eth6", None);
+    let e1000 = driver(&mut m, "e1000");
+    m.kernel_bound(dev, e1000).expect("bind");
+    // Held, the driver stays in the model as gone after the kernel drops it.
+    m.acquire(e1000, holder(1), "busy", 0).expect("acquire");
+    m.kernel_removed(e1000).expect("driver gone");
+    m.take_events();
+
+    let err = m.kernel_bound(dev, e1000).expect_err("a stale bind");
+    assert_eq!(err.kind, drivers::ErrorKind::InvalidState, "{err}");
+    assert_eq!(m.take_events(), [], "a refused bind changes nothing");
+    checked(&m);
+    // Found by the fuzzer: the gone driver's forced removal then left the
+    // device held for an unbind no request would ever finish.
+    m.remove(
+        e1000,
+        RemoveOptions {
+            force: true,
+            ..RemoveOptions::default()
+        },
+        0,
+    )
+    .expect("forced removal");
+    assert!(!m.contains(e1000));
+    checked(&m);
+}
+
+#[test]
 fn an_unbind_asked_for_by_a_removal_completes_it() {
     let mut m = Model::default();
     let dev = udev_device(&mut m, "eth8", Some(drivers::kernel::UNBIND));
