@@ -3,10 +3,13 @@
 
 mod authz;
 mod bus;
+mod cli;
+mod config;
 mod effects;
 mod errors;
 mod handles;
 mod ingest;
+mod logging;
 mod owner;
 mod peers;
 mod persist;
@@ -20,95 +23,41 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use drivers::{AddRequest, Kind, Model};
-use zbus::{connection, fdo};
 
-/// The devmgr hotplug device-manager daemon.
-#[derive(Parser, Debug)]
-#[command(version, about)]
-struct Args {
-    /// The bus to serve on: `auto` (the session bus if there is one, else the
-    /// system bus if it runs, else an embedded private bus), `session`,
-    /// `system`, `embedded`, or a D-Bus address such as `unix:path=/run/x`.
-    #[arg(long, default_value = "auto")]
-    bus: bus::BusChoice,
-    /// Where the embedded bus puts its socket and address file (default
-    /// /run/devmgr as root, else $XDG_RUNTIME_DIR/devmgr).
-    #[arg(long)]
-    runtime_dir: Option<std::path::PathBuf>,
-    /// Do not model the machine's devices (no udev monitor, no coldplug).
-    #[arg(long)]
-    no_udev: bool,
-    /// Where device events come from: `udev` (processed by systemd-udevd;
-    /// the default when it runs) or `kernel` (raw uevents).
-    #[arg(long, value_name = "SOURCE")]
-    udev_source: Option<uevents::Source>,
-    /// Feed the device events recorded in FILE (`udevadm monitor --property`
-    /// output, or the kernel's uevent format) instead of the live ones; a
-    /// FIFO is read as it is written.
-    #[arg(long, value_name = "FILE")]
-    replay: Option<std::path::PathBuf>,
-    /// Never act on real devices: removals that need the kernel fail with a
-    /// clear error (the object stays `stopped`, showing it) instead.
-    #[arg(long)]
-    no_actuate: bool,
-    /// Where sysfs is mounted (a fake tree, for tests).
-    #[arg(long, value_name = "DIR", default_value = "/")]
-    sysfs_root: std::path::PathBuf,
-    /// The uevent socket's receive buffer in bytes (tests shrink it to
-    /// provoke an overflow and the resynchronisation that follows).
-    #[arg(long, value_name = "BYTES", default_value_t = uevents::RECEIVE_BUFFER, hide = true)]
-    udev_receive_buffer: usize,
-    /// Members of this group may change things (add, remove, stop,
-    /// re-enable, bind, unbind), as root and the daemon's own user may.
-    #[arg(long, value_name = "GROUP")]
-    authorized_group: Option<String>,
-    /// Taking a reference (Acquire) needs the same rights as a change
-    /// (by default anyone may).
-    #[arg(long)]
-    restrict_acquire: bool,
-    /// Most references one client connection may hold at once (0: no
-    /// limit). Past it, Acquire answers QuotaExceeded.
-    #[arg(long, value_name = "N", default_value_t = 4096)]
-    max_references_per_client: u32,
-    /// Most objects the model may hold when a client adds more (0: no
-    /// limit); real devices are modelled regardless.
-    #[arg(long, value_name = "N", default_value_t = 1_000_000)]
-    max_objects: usize,
-    /// Most objects one client connection may have added that still exist
-    /// (0: no limit). Past it, Add answers QuotaExceeded.
-    #[arg(long, value_name = "N", default_value_t = 65_536)]
-    max_objects_per_client: u32,
-    /// Keep what clients change (objects they add, stopped and removing
-    /// states, bindings) in DIR, durable before each reply, and restore it
-    /// at start. References do not survive a restart.
-    #[arg(long, value_name = "DIR")]
-    state_dir: Option<std::path::PathBuf>,
-    /// The kernel subsystems to model, comma-separated.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "scsi_host,scsi,block,net"
-    )]
-    subsystems: Vec<String>,
-}
+use config::Settings;
+use zbus::{connection, fdo};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let args = Args::parse();
+    let args = cli::Args::parse();
+    if let Some(what) = args.generate {
+        return match cli::generate(what) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("devmgrd: cannot write: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    logging::init();
+    let state_directory = std::env::var("STATE_DIRECTORY").ok();
+    let settings = match config::settings(args, state_directory.as_deref()) {
+        Ok(settings) => settings,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(file) = &settings.config {
+        tracing::info!("configuration from {}", file.display());
+    }
     // Each reference holds one socket open; the usual soft limit of 1,024
     // would cap references near a thousand. The hard limit is ours to take.
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) => tracing::debug!("open files limit: {limit}"),
         Err(e) => tracing::warn!("cannot raise the open files limit: {e}"),
     }
-    match run(args).await {
+    match run(settings).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
@@ -206,9 +155,9 @@ async fn serve(
 /// The model (restored from `--state-dir` if given), its tracker, and the
 /// open state directory with what it now keeps.
 fn build_model(
-    args: &Args,
+    settings: &Settings,
 ) -> Result<(owner::Owned, Option<(store::Store, persist::Kept)>), String> {
-    let (store, kept) = match &args.state_dir {
+    let (store, kept) = match &settings.state_dir {
         None => (None, persist::Kept::default()),
         Some(dir) => {
             let (store, kept) = store::Store::open(dir)?;
@@ -245,16 +194,16 @@ fn build_model(
     Ok((owned, Some((store, kept))))
 }
 
-async fn run(args: Args) -> Result<(), String> {
-    let (mut owned, store) = build_model(&args)?;
+async fn run(settings: Settings) -> Result<(), String> {
+    let (mut owned, store) = build_model(&settings)?;
     // After the restore: the limits are for what clients add from now on.
     let model = &mut owned.model;
-    model.set_reference_quota(Some(args.max_references_per_client).filter(|&n| n > 0));
-    model.set_object_limit(Some(args.max_objects).filter(|&n| n > 0));
-    model.set_added_quota(Some(args.max_objects_per_client).filter(|&n| n > 0));
+    model.set_reference_quota(Some(settings.max_references_per_client).filter(|&n| n > 0));
+    model.set_object_limit(Some(settings.max_objects).filter(|&n| n > 0));
+    model.set_added_quota(Some(settings.max_objects_per_client).filter(|&n| n > 0));
     let actuation = effects::Actuation {
-        enabled: !args.no_actuate,
-        sysfs_root: args.sysfs_root.clone(),
+        enabled: settings.actuate,
+        sysfs_root: settings.sysfs_root.clone(),
     };
     let (handle, batches) = owner::spawn(owned, actuation);
     let (batches, state_failed) = match store {
@@ -264,21 +213,20 @@ async fn run(args: Args) -> Result<(), String> {
             (batches, Some(failed))
         }
     };
-    let group = match &args.authorized_group {
-        None => None,
-        Some(name) => Some((name.clone(), authz::group_id(name)?)),
-    };
     let authz = authz::Authorizer {
         policy: std::sync::Arc::new(authz::Policy {
             own_uid: proto::runtime::current_uid(),
-            group,
-            restrict_acquire: args.restrict_acquire,
+            group: settings.authorized_group.clone(),
+            restrict_acquire: settings.restrict_acquire,
         }),
         peers: peers::Peers::default(),
     };
-    let runtime_dir = args.runtime_dir.clone().unwrap_or_else(bus::runtime_dir);
-    let auto = args.bus == bus::BusChoice::Auto;
-    let choice = args.bus.resolve();
+    let runtime_dir = settings
+        .runtime_dir
+        .clone()
+        .unwrap_or_else(bus::runtime_dir);
+    let auto = settings.bus == bus::BusChoice::Auto;
+    let choice = settings.bus.resolve();
     let mut embedded = None;
     let shared = match &choice {
         bus::BusChoice::Session => Some((connection::Builder::session(), "session".to_owned())),
@@ -334,26 +282,32 @@ async fn run(args: Args) -> Result<(), String> {
         .watch_departures(&conn)
         .await
         .map_err(|e| format!("cannot watch the bus's connections: {e}"))?;
-    if let Some(file) = args.replay.clone() {
+    if let Some(file) = settings.replay.clone() {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(replay::run(
             file,
-            args.udev_source,
-            args.subsystems.clone(),
+            settings.udev_source,
+            settings.subsystems.clone(),
             tx,
         ));
         tokio::spawn(ingest::run(handle.clone(), rx));
-    } else if !args.no_udev {
-        let source = args.udev_source.unwrap_or_else(uevents::detect_source);
+    } else if settings.udev {
+        let source = settings.udev_source.unwrap_or_else(uevents::detect_source);
         if source == uevents::Source::Udev && !uevents::udevd_listening() {
             tracing::warn!("no systemd-udevd answers: udev events will not arrive until one runs");
         }
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        uevents::start(source, &args.subsystems, args.udev_receive_buffer, tx).await?;
+        uevents::start(
+            source,
+            &settings.subsystems,
+            settings.udev_receive_buffer,
+            tx,
+        )
+        .await?;
         tokio::spawn(ingest::run(handle.clone(), rx));
         tracing::info!(
             "modelling {} from {} events",
-            args.subsystems.join(", "),
+            settings.subsystems.join(", "),
             source.as_str()
         );
     }

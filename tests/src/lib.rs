@@ -286,6 +286,23 @@ pub struct Daemon {
     log_reader: Option<std::thread::JoinHandle<()>>,
 }
 
+/// devmgrd, reading no configuration file, and blind to the environment a
+/// systemd service would give it: what the machine's /etc/devmgr or the
+/// test runner's service says must not change what a test sees.
+pub fn devmgrd_command() -> Command {
+    let mut command = Command::new(binary("devmgrd"));
+    isolate(&mut command);
+    command.arg("--no-config");
+    command
+}
+
+/// Clears what a systemd service would set for devmgrd (logging to the
+/// journal, a default state directory).
+fn isolate(command: &mut Command) {
+    command.env_remove("JOURNAL_STREAM");
+    command.env_remove("STATE_DIRECTORY");
+}
+
 impl Daemon {
     /// Starts devmgrd on `bus` and waits until it owns its name. It models
     /// no real devices (`--no-udev`): tests see only what they add.
@@ -320,6 +337,10 @@ impl Daemon {
                 c
             }
         };
+        isolate(&mut command);
+        if !args.contains(&"--config") {
+            command.arg("--no-config");
+        }
         let child = command
             .args(["--bus", address])
             .args(args)
@@ -352,7 +373,7 @@ impl Daemon {
     /// Starts devmgrd on an embedded bus in `dir`; returns it and the bus
     /// address once it answers there.
     pub fn start_embedded(dir: &TempDir) -> (Daemon, String) {
-        let child = Command::new(binary("devmgrd"))
+        let child = devmgrd_command()
             .args(["--no-udev", "--bus", "embedded", "--runtime-dir"])
             .arg(&dir.0)
             .stderr(Stdio::piped())

@@ -10,7 +10,7 @@ use devmgr_tests::*;
 fn a_second_daemon_refuses_to_steal_the_name() {
     let bus = TestBus::start();
     let _first = Daemon::start(&bus);
-    let second = Command::new(binary("devmgrd"))
+    let second = devmgrd_command()
         .args(["--no-udev", "--bus", &bus.address])
         .output()
         .expect("second devmgrd");
@@ -53,7 +53,7 @@ fn a_killed_daemon_takes_its_bus_along_and_a_new_one_starts_cleanly() {
     let dir = TempDir::unique("rt");
     let (mut daemon, _) = Daemon::start_embedded(&dir);
     // A second daemon on the same runtime directory is refused.
-    let second = Command::new(binary("devmgrd"))
+    let second = devmgrd_command()
         .args(["--no-udev", "--bus", "embedded", "--runtime-dir"])
         .arg(&dir.0)
         .output()

@@ -4,7 +4,6 @@
 //! directory; references do not survive a restart.
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -496,7 +495,7 @@ async fn a_bad_state_file_is_named_and_a_torn_last_line_skipped() {
     // Garbage before the end: refused, named.
     let journal = state.journal();
     std::fs::write(&journal, "{\"put\":7}\n{\"sequence\":9}\n").expect("write");
-    let out = Command::new(binary("devmgrd"))
+    let out = devmgrd_command()
         .args(["--bus", &bus.address])
         .args(args)
         .output()
@@ -516,7 +515,7 @@ async fn a_state_directory_has_one_daemon() {
     let other = TestBus::start();
     let state = StateDir::new("state-lock");
     let _daemon = Daemon::start_with_args(&bus, &state.args());
-    let out = Command::new(binary("devmgrd"))
+    let out = devmgrd_command()
         .args(["--bus", &other.address])
         .args(state.args())
         .output()
