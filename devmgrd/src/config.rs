@@ -46,19 +46,20 @@ pub struct Source {
 }
 
 impl Source {
-    /// "FILE:LINE: why", the line being where `span` starts.
+    /// "FILE:LINE: why (in `the line`)", the line being where `span`
+    /// starts: a type error names no key, the line shows it.
     fn error(&self, span: Option<Range<usize>>, why: &str) -> String {
-        match span {
-            Some(span) => {
-                let start = span.start.min(self.text.len());
-                let line = self.text.as_bytes()[..start]
-                    .iter()
-                    .filter(|&&b| b == b'\n')
-                    .count()
-                    + 1;
-                format!("{}:{line}: {why}", self.path.display())
-            }
-            None => format!("{}: {why}", self.path.display()),
+        let Some(span) = span else {
+            return format!("{}: {why}", self.path.display());
+        };
+        let start = span.start.min(self.text.len());
+        let before = self.text.get(..start).unwrap_or_default();
+        let number = before.matches('\n').count() + 1;
+        let text = self.text.lines().nth(number - 1).unwrap_or_default().trim();
+        if text.is_empty() {
+            format!("{}:{number}: {why}", self.path.display())
+        } else {
+            format!("{}:{number}: {why} (in `{text}`)", self.path.display())
         }
     }
 }

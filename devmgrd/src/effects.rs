@@ -52,7 +52,7 @@ async fn carry_out(
     }
     if !actuation.enabled {
         return Err(format!(
-            "not carried out: real actions are off (--no-actuate): {} {}",
+            "not carried out: real actions are off (--no-actuate, or actuate = false): {} {}",
             action.verb, action.target
         ));
     }

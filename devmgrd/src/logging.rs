@@ -4,9 +4,21 @@
 
 use std::os::unix::fs::MetadataExt;
 
+use tracing_journald::{Priority, PriorityMappings};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
+
+/// syslog's meanings, as other system daemons log: info is
+/// "informational" (6), not tracing-journald's default "notice" (5), so
+/// that `journalctl -p notice` shows what needs attention.
+const PRIORITIES: PriorityMappings = PriorityMappings {
+    error: Priority::Error,
+    warn: Priority::Warning,
+    info: Priority::Informational,
+    debug: Priority::Debug,
+    trace: Priority::Debug,
+};
 
 /// Sets up the global subscriber. Must run once, before anything logs.
 pub fn init() {
@@ -20,7 +32,11 @@ pub fn init() {
         // a test's copy): `journalctl -t devmgrd` finds it.
         Some(layer) => tracing_subscriber::registry()
             .with(filter)
-            .with(layer.with_syslog_identifier("devmgrd".to_owned()))
+            .with(
+                layer
+                    .with_syslog_identifier("devmgrd".to_owned())
+                    .with_priority_mappings(PRIORITIES),
+            )
             .init(),
         None => tracing_subscriber::fmt()
             .with_env_filter(filter)
