@@ -17,6 +17,8 @@ use zbus::{MatchRule, MessageStream, ObjectPath, OwnedObjectPath, OwnedVariant, 
 
 pub use proto::{MANAGER_INTERFACE as MANAGER, OBJECT_INTERFACE as OBJECT};
 
+pub mod system_bus;
+
 /// A directory removed when dropped.
 pub struct TempDir(pub PathBuf);
 
@@ -327,7 +329,17 @@ impl Daemon {
         Daemon::launch(address, &[], args)
     }
 
+    /// Starts devmgrd on `bus` with these arguments and environment
+    /// variables (such as systemd's STATE_DIRECTORY).
+    pub fn start_with_env(bus: &TestBus, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        Daemon::launch_with(&bus.address, &[], args, env)
+    }
+
     fn launch(address: &str, wrapper: &[&str], args: &[&str]) -> Daemon {
+        Daemon::launch_with(address, wrapper, args, &[])
+    }
+
+    fn launch_with(address: &str, wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) -> Daemon {
         let devmgrd = binary("devmgrd");
         let mut command = match wrapper.split_first() {
             None => Command::new(&devmgrd),
@@ -338,6 +350,7 @@ impl Daemon {
             }
         };
         isolate(&mut command);
+        command.envs(env.iter().copied());
         if !args.contains(&"--config") {
             command.arg("--no-config");
         }

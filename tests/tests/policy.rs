@@ -8,113 +8,12 @@
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
+use devmgr_tests::system_bus::{self, as_nobody, busctl_as_nobody, run_every_call, SystemBus};
 use devmgr_tests::*;
-
-/// The stock system bus configuration, listening on `socket`, with our
-/// policy file included and what a private test bus must not do (fork,
-/// switch user, write a pid file, activate services) taken out.
-fn system_config(socket: &Path, policies: &[&Path]) -> String {
-    let stock = std::fs::read_to_string("/usr/share/dbus-1/system.conf")
-        .expect("/usr/share/dbus-1/system.conf (package dbus)");
-    let mut out = String::new();
-    for line in stock.lines() {
-        let t = line.trim();
-        let drop = [
-            "<user>",
-            "<fork/>",
-            "<pidfile>",
-            "<syslog/>",
-            "<servicehelper>",
-            "<standard_system_servicedirs/>",
-            "<include",
-            "<includedir>",
-        ]
-        .iter()
-        .any(|p| t.starts_with(p));
-        if drop {
-            continue;
-        }
-        if t.starts_with("<listen>") {
-            out.push_str(&format!(
-                "  <listen>unix:path={}</listen>\n",
-                socket.display()
-            ));
-            continue;
-        }
-        if t == "</busconfig>" {
-            for policy in policies {
-                out.push_str(&format!("  <include>{}</include>\n", policy.display()));
-            }
-        }
-        out.push_str(line);
-        out.push('\n');
-    }
-    out
-}
-
-struct SystemBus {
-    child: Child,
-    address: String,
-    _dir: TempDir,
-}
-
-impl Drop for SystemBus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_system_bus() -> SystemBus {
-    start_system_bus_with(&[])
-}
-
-/// Same, with other services' stock bus policies too (polkitd's).
-fn start_system_bus_with(other_policies: &[&Path]) -> SystemBus {
-    let dir = TempDir::unique("system-bus");
-    std::fs::create_dir_all(&dir.0).expect("temp dir");
-    let socket = dir.0.join("system_bus_socket");
-    let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/org.devmgr.DevMgr1.conf");
-    let config = dir.0.join("system.conf");
-    let policies: Vec<&Path> = std::iter::once(policy.as_path())
-        .chain(other_policies.iter().copied())
-        .collect();
-    std::fs::write(&config, system_config(&socket, &policies)).expect("config");
-    let child = Command::new("dbus-daemon")
-        .arg(format!("--config-file={}", config.display()))
-        .arg("--nofork")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("dbus-daemon");
-    wait_for(|| socket.exists(), "the system-type bus socket");
-    SystemBus {
-        child,
-        address: format!("unix:path={}", socket.display()),
-        _dir: dir,
-    }
-}
-
-/// `busctl --address ADDRESS args…` as `nobody`.
-fn busctl_as_nobody(address: &str, args: &[&str]) -> std::process::Output {
-    let mut all = vec!["--address", address];
-    all.extend_from_slice(args);
-    as_nobody("busctl", &all)
-}
-
-/// Runs `program args` as `nobody`.
-fn as_nobody(program: &str, args: &[&str]) -> std::process::Output {
-    Command::new("setpriv")
-        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
-        .arg(program)
-        .args(args)
-        .output()
-        .expect("setpriv (package util-linux)")
-}
 
 #[test]
 fn only_root_owns_the_name_and_anyone_may_call() {
-    let bus = start_system_bus();
+    let bus = SystemBus::start();
     let _daemon = Daemon::start_at(&bus.address, &["--no-udev"]);
 
     // nobody may call: a property read and a method call both reach devmgrd.
@@ -181,57 +80,11 @@ fn only_root_owns_the_name_and_anyone_may_call() {
     assert!(!out.status.success(), "the stock policy is not in force");
 }
 
-/// Calls every mutation, then Acquire, as the current user of the python
-/// process, on host `h` (driver sim-scsi); prints one line per call: the
-/// D-Bus error name, or `ok`.
-const EVERY_CALL: &str = r#"import dbus, sys
-bus = dbus.bus.BusConnection(sys.argv[1])
-m = dbus.Interface(bus.get_object("org.devmgr.DevMgr1", "/org/devmgr/DevMgr1"), "org.devmgr.DevMgr1.Manager")
-host = m.FindObject("host", "h")
-drv = m.FindObject("driver", "sim-scsi")
-o = dbus.Interface(bus.get_object("org.devmgr.DevMgr1", host), "org.devmgr.DevMgr1.Object")
-none = dbus.Dictionary({}, signature="sv")
-calls = [
-    ("Add", lambda: m.Add("host", "intruder", dbus.ObjectPath("/"), none)),
-    ("Stop", lambda: o.Stop(none)),
-    ("Reenable", lambda: o.Reenable(none)),
-    ("Bind", lambda: o.Bind(drv, none)),
-    ("Unbind", lambda: o.Unbind(none)),
-    ("Remove", lambda: o.Remove(none)),
-    ("Acquire", lambda: o.Acquire("look", none)),
-]
-for name, call in calls:
-    try:
-        call()
-        print(name, "ok")
-    except dbus.exceptions.DBusException as e:
-        print(name, e.get_dbus_name())
-"#;
-
-fn run_every_call(address: &str, groups: Option<&str>) -> String {
-    let mut c = Command::new("setpriv");
-    c.args(["--reuid=nobody", "--regid=nogroup"]);
-    match groups {
-        Some(g) => c.arg(format!("--groups={g}")),
-        None => c.arg("--clear-groups"),
-    };
-    let out = c
-        .args(["--", "/usr/bin/python3", "-c", EVERY_CALL, address])
-        .output()
-        .expect("setpriv + python3");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Authorization (issue 6): on the system-type bus, an unprivileged caller
 /// may take references but change nothing; members of --authorized-group may.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unprivileged_caller_may_acquire_but_not_change_anything() {
-    let bus = start_system_bus();
+    let bus = SystemBus::start();
     let gid = std::fs::read_to_string("/etc/group")
         .expect("/etc/group")
         .lines()
@@ -345,9 +198,8 @@ async fn polkit_authorizes_each_verb_on_its_own() {
 });
 "#,
     );
-    let bus = start_system_bus_with(&[Path::new(
-        "/usr/share/dbus-1/system.d/org.freedesktop.PolicyKit1.conf",
-    )]);
+    let polkit_policy = Path::new("/usr/share/dbus-1/system.d/org.freedesktop.PolicyKit1.conf");
+    let bus = SystemBus::start_with(&[&system_bus::data_policy(), polkit_policy], None);
     let _polkitd = start_polkitd(&bus.address);
     let _daemon = Daemon::start_at(&bus.address, &["--no-udev"]);
     let root = Client::connect(&bus.address).await;

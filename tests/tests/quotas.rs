@@ -9,17 +9,35 @@ use zbus::Variant;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn object_quotas_are_reached_and_recovered_from() {
+    object_quotas(&[
+        "--no-udev",
+        "--max-objects-per-client",
+        "2",
+        "--max-objects",
+        "10",
+    ])
+    .await;
+}
+
+/// The same quotas from the configuration file (issue 7).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn object_quotas_from_the_configuration_file() {
+    let dir = TempDir::unique("quota-config");
+    std::fs::create_dir_all(&dir.0).expect("temp dir");
+    let config = dir.0.join("devmgrd.toml");
+    std::fs::write(
+        &config,
+        "udev = false\nmax-objects-per-client = 2\nmax-objects = 10\n",
+    )
+    .expect("config");
+    object_quotas(&["--config", &config.to_string_lossy()]).await;
+}
+
+/// Each client may have added 2 objects that still exist, and the model
+/// may hold 10 when a client adds more (as `args` say).
+async fn object_quotas(args: &[&str]) {
     let bus = TestBus::start();
-    let daemon = Daemon::start_with_args(
-        &bus,
-        &[
-            "--no-udev",
-            "--max-objects-per-client",
-            "2",
-            "--max-objects",
-            "10",
-        ],
-    );
+    let daemon = Daemon::start_with_args(&bus, args);
     let a = Client::connect(&bus.address).await;
     let b = Client::connect(&bus.address).await;
     let first = a.add_host("a1").await;

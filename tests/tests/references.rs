@@ -254,8 +254,30 @@ async fn concurrent_churn_ends_on_the_true_ref_count() {
 /// one makes room again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clients_reference_quota_is_reached_and_recovered_from() {
+    reference_quota_of_3(&["--no-udev", "--max-references-per-client", "3"]).await;
+}
+
+/// The same quota from the configuration file, and a flag that overrides
+/// the file's (issue 7).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reference_quota_from_the_configuration_file_and_over_it() {
+    let dir = TempDir::unique("reference-quota-config");
+    std::fs::create_dir_all(&dir.0).expect("temp dir");
+    let file = |name: &str, quota: u32| {
+        let path = dir.0.join(name);
+        let text = format!("udev = false\nmax-references-per-client = {quota}\n");
+        std::fs::write(&path, text).expect("config");
+        path.to_string_lossy().into_owned()
+    };
+    let three = file("three.toml", 3);
+    reference_quota_of_3(&["--config", &three]).await;
+    let one = file("one.toml", 1);
+    reference_quota_of_3(&["--config", &one, "--max-references-per-client", "3"]).await;
+}
+
+async fn reference_quota_of_3(args: &[&str]) {
     let bus = TestBus::start();
-    let daemon = Daemon::start_with_args(&bus, &["--no-udev", "--max-references-per-client", "3"]);
+    let daemon = Daemon::start_with_args(&bus, args);
     let greedy = Client::connect(&bus.address).await;
     let other = Client::connect(&bus.address).await;
     let host = greedy.add_host("scarce").await;

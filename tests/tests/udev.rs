@@ -351,25 +351,36 @@ async fn a_busy_loop_device_fails_to_remove_cleanly() {
     let _ = Command::new("losetup").args(["-d", &node]).status();
 }
 
-/// `--no-actuate`: nothing real is done; the object says why.
+/// `--no-actuate`, or `actuate = false` in the configuration file: nothing
+/// real is done; the object says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_actuate_leaves_real_devices_alone() {
-    let (bus, _daemon, client) = watching("kernel", "block", &["--no-actuate"]).await;
-    let device = Loop::create(7000);
-    let path = appears(&client, &device.name()).await;
-    assert!(devctl(&bus, &["remove", &device.name()]).status.success());
-    eventually("the object to be stopped", || async {
-        client.state(&path).await.as_deref() == Some("stopped")
-    })
-    .await;
-    let error = client
-        .object(&path)
-        .await
-        .last_error()
-        .await
-        .expect("LastError");
-    assert!(error.contains("--no-actuate"), "{error}");
-    assert!(sys_block(&device.name()).exists());
+    let dir = TempDir::unique("actuate-config");
+    std::fs::create_dir_all(&dir.0).expect("temp dir");
+    let config = dir.0.join("devmgrd.toml");
+    std::fs::write(&config, "# real removals off\nactuate = false\n").expect("config");
+    let config = config.to_string_lossy().into_owned();
+    for (number, how) in [
+        (7000, vec!["--no-actuate"]),
+        (7001, vec!["--config", &config]),
+    ] {
+        let (bus, _daemon, client) = watching("kernel", "block", &how).await;
+        let device = Loop::create(number);
+        let path = appears(&client, &device.name()).await;
+        assert!(devctl(&bus, &["remove", &device.name()]).status.success());
+        eventually("the object to be stopped", || async {
+            client.state(&path).await.as_deref() == Some("stopped")
+        })
+        .await;
+        let error = client
+            .object(&path)
+            .await
+            .last_error()
+            .await
+            .expect("LastError");
+        assert!(error.contains("real actions are off"), "{how:?}: {error}");
+        assert!(sys_block(&device.name()).exists(), "{how:?}");
+    }
 }
 
 /// A device with no way to remove it (the loopback interface) is refused
