@@ -115,6 +115,24 @@ pub fn busctl_as_nobody(address: &str, args: &[&str]) -> std::process::Output {
     as_nobody("busctl", &all)
 }
 
+/// `nobody` calls devmgrd (FindObject of the sim-scsi driver): what a
+/// policy that lets anyone call must allow.
+pub fn nobody_calls(address: &str) -> std::process::Output {
+    busctl_as_nobody(
+        address,
+        &[
+            "call",
+            proto::BUS_NAME,
+            proto::MANAGER_PATH,
+            proto::MANAGER_INTERFACE,
+            "FindObject",
+            "ss",
+            "driver",
+            proto::SIM_SCSI_DRIVER,
+        ],
+    )
+}
+
 /// Runs `program args` as `nobody`.
 pub fn as_nobody(program: &str, args: &[&str]) -> std::process::Output {
     Command::new("setpriv")

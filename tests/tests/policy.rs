@@ -8,7 +8,9 @@
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-use devmgr_tests::system_bus::{self, as_nobody, busctl_as_nobody, run_every_call, SystemBus};
+use devmgr_tests::system_bus::{
+    self, as_nobody, busctl_as_nobody, nobody_calls, run_every_call, SystemBus,
+};
 use devmgr_tests::*;
 
 #[test]
@@ -32,19 +34,7 @@ fn only_root_owns_the_name_and_anyone_may_call() {
         "nobody cannot read a property: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = busctl_as_nobody(
-        &bus.address,
-        &[
-            "call",
-            proto::BUS_NAME,
-            proto::MANAGER_PATH,
-            proto::MANAGER_INTERFACE,
-            "FindObject",
-            "ss",
-            "driver",
-            "sim-scsi",
-        ],
-    );
+    let out = nobody_calls(&bus.address);
     assert!(
         out.status.success(),
         "nobody cannot call: {}",

@@ -334,21 +334,31 @@ async fn a_busy_loop_device_fails_to_remove_cleanly() {
         .expect("losetup");
     assert!(attached.success(), "losetup {node}");
     let path = appears(&client, &device.name()).await;
-    let out = devctl(&bus, &["remove", &device.name()]);
-    assert!(out.status.success());
-    eventually("the object to be stopped", || async {
-        client.state(&path).await.as_deref() == Some("stopped")
-    })
-    .await;
-    let error = client
-        .object(&path)
-        .await
-        .last_error()
-        .await
-        .expect("LastError");
+    let error = removal_fails(&bus, &client, &device.name(), &path).await;
     assert!(error.contains("busy"), "{error}");
     assert!(sys_block(&device.name()).exists());
     let _ = Command::new("losetup").args(["-d", &node]).status();
+}
+
+/// `devctl remove NAME`, accepted, whose real removal then fails: the
+/// object ends `stopped`; its LastError.
+async fn removal_fails(
+    bus: &TestBus,
+    client: &Client,
+    name: &str,
+    path: &OwnedObjectPath,
+) -> String {
+    assert!(devctl(bus, &["remove", name]).status.success());
+    eventually("the object to be stopped", || async {
+        client.state(path).await.as_deref() == Some("stopped")
+    })
+    .await;
+    client
+        .object(path)
+        .await
+        .last_error()
+        .await
+        .expect("LastError")
 }
 
 /// `--no-actuate`, or `actuate = false` in the configuration file: nothing
@@ -367,17 +377,7 @@ async fn no_actuate_leaves_real_devices_alone() {
         let (bus, _daemon, client) = watching("kernel", "block", &how).await;
         let device = Loop::create(number);
         let path = appears(&client, &device.name()).await;
-        assert!(devctl(&bus, &["remove", &device.name()]).status.success());
-        eventually("the object to be stopped", || async {
-            client.state(&path).await.as_deref() == Some("stopped")
-        })
-        .await;
-        let error = client
-            .object(&path)
-            .await
-            .last_error()
-            .await
-            .expect("LastError");
+        let error = removal_fails(&bus, &client, &device.name(), &path).await;
         assert!(error.contains("real actions are off"), "{how:?}: {error}");
         assert!(sys_block(&device.name()).exists(), "{how:?}");
     }

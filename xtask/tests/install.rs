@@ -9,7 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use devmgr_tests::system_bus::{busctl_as_nobody, SystemBus};
+use devmgr_tests::system_bus::{nobody_calls, SystemBus};
 use devmgr_tests::*;
 
 /// Runs `cargo xtask ARGS` (the built xtask) with the tested binaries.
@@ -333,19 +333,7 @@ fn the_bus_activates_the_installed_daemon() {
         status.contains(&format!("Exe={}", exe.display())),
         "the installed devmgrd serves: {status}"
     );
-    let nobody = busctl_as_nobody(
-        &bus.address,
-        &[
-            "call",
-            proto::BUS_NAME,
-            proto::MANAGER_PATH,
-            proto::MANAGER_INTERFACE,
-            "FindObject",
-            "ss",
-            "driver",
-            "sim-scsi",
-        ],
-    );
+    let nobody = nobody_calls(&bus.address);
     assert!(
         nobody.status.success(),
         "the installed policy lets anyone call: {}",
