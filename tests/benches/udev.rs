@@ -71,13 +71,7 @@ async fn replay() {
     // The whole path: devmgrd replays from a FIFO; done when a client has
     // seen the last object's InterfacesRemoved.
     let dir = TempDir::unique("replay-bench");
-    std::fs::create_dir_all(&dir.0).expect("temp dir");
-    let fifo = dir.0.join("events");
-    assert!(Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .expect("mkfifo")
-        .success());
+    let fifo = events_fifo(&dir);
     let bus = TestBus::start();
     let fifo_arg = fifo.to_string_lossy().into_owned();
     let daemon = Daemon::start_with_args(&bus, &["--replay", &fifo_arg, "--subsystems", "block"]);

@@ -288,6 +288,26 @@ pub struct Daemon {
     log_reader: Option<std::thread::JoinHandle<()>>,
 }
 
+/// A FIFO named `events` in `dir` (created), for `devmgrd --replay`.
+pub fn events_fifo(dir: &TempDir) -> PathBuf {
+    std::fs::create_dir_all(&dir.0).expect("temp dir");
+    let fifo = dir.0.join("events");
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success(), "mkfifo {}", fifo.display());
+    fifo
+}
+
+/// A configuration file holding `text`, in a directory of its own: the
+/// directory (removed when dropped) and the file's path, for `--config`.
+pub fn config_file(tag: &str, text: &str) -> (TempDir, String) {
+    let dir = TempDir::unique(tag);
+    std::fs::create_dir_all(&dir.0).expect("temp dir");
+    let path = dir.0.join("devmgrd.toml");
+    std::fs::write(&path, text).expect("config");
+    let path = path.to_string_lossy().into_owned();
+    (dir, path)
+}
+
 /// devmgrd, reading no configuration file, and blind to the environment a
 /// systemd service would give it: what the machine's /etc/devmgr or the
 /// test runner's service says must not change what a test sees.

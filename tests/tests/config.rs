@@ -12,22 +12,12 @@ use std::process::{Command, Stdio};
 use devmgr_tests::system_bus::{run_every_call, SystemBus};
 use devmgr_tests::*;
 
-/// A directory with `devmgrd.toml` holding `text`; the file's path.
-fn config(tag: &str, text: &str) -> (TempDir, String) {
-    let dir = TempDir::unique(tag);
-    std::fs::create_dir_all(&dir.0).expect("temp dir");
-    let path = dir.0.join("devmgrd.toml");
-    std::fs::write(&path, text).expect("config");
-    let path = path.to_string_lossy().into_owned();
-    (dir, path)
-}
-
 /// `authorized-group` and `restrict-acquire`, on a system-type bus: `nobody`
 /// may do nothing, Acquire included; in the group, everything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_keys_take_effect() {
     let bus = SystemBus::start();
-    let (_dir, file) = config(
+    let (_dir, file) = config_file(
         "access-config",
         "udev = false\nauthorized-group = \"disk\"\nrestrict-acquire = true\n",
     );
@@ -85,7 +75,7 @@ fn real_subsystems(bus: &TestBus) -> Vec<(String, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn device_keys_take_effect() {
     let bus = TestBus::start();
-    let (_dir, file) = config(
+    let (_dir, file) = config_file(
         "device-config",
         "subsystems = [\"net\"]\nudev-source = \"kernel\"\n",
     );
@@ -102,7 +92,7 @@ async fn device_keys_take_effect() {
     );
     assert!(daemon.terminate().0.success());
 
-    let (_off, off) = config("udev-off-config", "udev = false\nsubsystems = [\"net\"]\n");
+    let (_off, off) = config_file("udev-off-config", "udev = false\nsubsystems = [\"net\"]\n");
     let daemon = Daemon::start_with_args(&bus, &["--config", &off]);
     assert_eq!(real_subsystems(&bus), [], "udev = false models no device");
     assert!(!daemon.log().contains("modelling"), "{}", daemon.log());
@@ -127,7 +117,7 @@ async fn the_state_directory_comes_from_the_file_the_flag_or_systemd() {
         base.0.join("flag"),
         base.0.join("systemd"),
     );
-    let (_dir, file) = config(
+    let (_dir, file) = config_file(
         "state-config-file",
         &format!(
             "udev = false\nstate-dir = {:?}\n",
@@ -215,7 +205,7 @@ fn a_bad_file_stops_the_daemon_and_names_the_line() {
         ("udev = true\nudev = false\n", ":2:", ""),
     ];
     for (n, (text, line, why)) in cases.iter().enumerate() {
-        let (_dir, file) = config(&format!("bad-config-{n}"), text);
+        let (_dir, file) = config_file(&format!("bad-config-{n}"), text);
         let out = Command::new(binary("devmgrd"))
             .args(["--config", &file, "--bus", &bus.address])
             .env_remove("JOURNAL_STREAM")

@@ -22,15 +22,11 @@ async fn object_quotas_are_reached_and_recovered_from() {
 /// The same quotas from the configuration file (issue 7).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn object_quotas_from_the_configuration_file() {
-    let dir = TempDir::unique("quota-config");
-    std::fs::create_dir_all(&dir.0).expect("temp dir");
-    let config = dir.0.join("devmgrd.toml");
-    std::fs::write(
-        &config,
+    let (_dir, config) = config_file(
+        "quota-config",
         "udev = false\nmax-objects-per-client = 2\nmax-objects = 10\n",
-    )
-    .expect("config");
-    object_quotas(&["--config", &config.to_string_lossy()]).await;
+    );
+    object_quotas(&["--config", &config]).await;
 }
 
 /// Each client may have added 2 objects that still exist, and the model

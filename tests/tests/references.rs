@@ -261,17 +261,10 @@ async fn a_clients_reference_quota_is_reached_and_recovered_from() {
 /// the file's (issue 7).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_reference_quota_from_the_configuration_file_and_over_it() {
-    let dir = TempDir::unique("reference-quota-config");
-    std::fs::create_dir_all(&dir.0).expect("temp dir");
-    let file = |name: &str, quota: u32| {
-        let path = dir.0.join(name);
-        let text = format!("udev = false\nmax-references-per-client = {quota}\n");
-        std::fs::write(&path, text).expect("config");
-        path.to_string_lossy().into_owned()
-    };
-    let three = file("three.toml", 3);
+    let quota = |n: u32| format!("udev = false\nmax-references-per-client = {n}\n");
+    let (_three_dir, three) = config_file("reference-quota-3", &quota(3));
     reference_quota_of_3(&["--config", &three]).await;
-    let one = file("one.toml", 1);
+    let (_one_dir, one) = config_file("reference-quota-1", &quota(1));
     reference_quota_of_3(&["--config", &one, "--max-references-per-client", "3"]).await;
 }
 

@@ -4,7 +4,6 @@
 //! a surprise removal of a held LUN (rule 8).
 
 use std::io::Write;
-use std::process::Command;
 
 use devmgr_tests::*;
 
@@ -30,13 +29,7 @@ fn state(bus: &TestBus, obj: &str) -> Option<String> {
 /// devmgrd replaying a FIFO in `dir` (with `extra` arguments), and the
 /// FIFO's write end: opening it waits for the daemon to open its end.
 fn replaying(dir: &TempDir, extra: &[&str]) -> (TestBus, Daemon, std::fs::File) {
-    std::fs::create_dir_all(&dir.0).expect("temp dir");
-    let fifo = dir.0.join("events");
-    assert!(Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .expect("mkfifo")
-        .success());
+    let fifo = events_fifo(dir);
     let bus = TestBus::start();
     let fifo_arg = fifo.to_string_lossy().into_owned();
     let mut args = vec!["--replay", fifo_arg.as_str()];

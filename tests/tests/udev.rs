@@ -365,11 +365,7 @@ async fn removal_fails(
 /// real is done; the object says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_actuate_leaves_real_devices_alone() {
-    let dir = TempDir::unique("actuate-config");
-    std::fs::create_dir_all(&dir.0).expect("temp dir");
-    let config = dir.0.join("devmgrd.toml");
-    std::fs::write(&config, "# real removals off\nactuate = false\n").expect("config");
-    let config = config.to_string_lossy().into_owned();
+    let (_dir, config) = config_file("actuate-config", "# real removals off\nactuate = false\n");
     for (number, how) in [
         (7000, vec!["--no-actuate"]),
         (7001, vec!["--config", &config]),
