@@ -204,7 +204,7 @@ impl TestBus {
             Ok(child) => child,
             Err(e) => panic!("these tests need dbus-daemon (package dbus): {e}"),
         };
-        wait_for(|| socket.exists(), "the private bus socket");
+        wait_for_listener(&socket, "the private bus");
         TestBus {
             child,
             address: format!("unix:path={}", socket.display()),
@@ -286,6 +286,16 @@ pub struct Daemon {
     /// Its stderr (the log) so far, read as it comes by a thread.
     log: Arc<Mutex<String>>,
     log_reader: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Waits until something accepts connections on `socket`. Its file alone
+/// is not enough: dbus-daemon binds before it listens, and a client in
+/// between is refused (a CI run failed that way).
+pub fn wait_for_listener(socket: &Path, what: &str) {
+    wait_for(
+        || std::os::unix::net::UnixStream::connect(socket).is_ok(),
+        &format!("{what} to listen on {}", socket.display()),
+    );
 }
 
 /// A FIFO named `events` in `dir` (created), for `devmgrd --replay`.

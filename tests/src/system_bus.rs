@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use crate::{wait_for, TempDir};
+use crate::{wait_for_listener, TempDir};
 
 /// The stock system bus configuration, listening on `socket`, with these
 /// policy files included and what a private test bus must not do (fork,
@@ -99,7 +99,7 @@ impl SystemBus {
             .stderr(Stdio::piped())
             .spawn()
             .expect("dbus-daemon");
-        wait_for(|| socket.exists(), "the system-type bus socket");
+        wait_for_listener(&socket, "the system-type bus");
         SystemBus {
             child,
             address,
