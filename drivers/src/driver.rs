@@ -70,6 +70,11 @@ pub enum Exit {
     /// There is no way to remove this object; `Remove` refuses with
     /// `NotSupported` before changing anything.
     NotSupported(String),
+    /// Nothing of its own to do: the kernel takes it away with its parent
+    /// (a disk's partitions, a SCSI device's disk). It rides on the
+    /// parent's removal, so it does not keep the parent busy; a removal of
+    /// it alone is refused with `NotSupported`, naming the parent (rule 20).
+    WithParent,
 }
 
 /// A driver implementation. Implementations are pure: any real work is

@@ -131,8 +131,9 @@ impl Event {
 }
 
 /// Work on real hardware that the caller carries out off the model's path.
-/// Its completion comes back as [`crate::Model::exit_finished`] (or, for a
-/// kernel device, as the kernel's own `remove` event).
+/// An exit's completion comes back as [`crate::Model::exit_finished`] (or,
+/// for a kernel device, as the kernel's own `remove` event, or
+/// [`crate::Model::exit_busy`] when the device turned out to be claimed).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Effect {
     /// Ask a driver to let go of (remove) the real thing behind an object.
@@ -143,5 +144,14 @@ pub enum Effect {
         driver: &'static str,
         /// What to do, in the driver's own terms.
         action: crate::driver::ExitAction,
+    },
+    /// Take away the kernel's users of a real device that can be taken
+    /// away: lazily detach its mounts, turn its swap off (the `detach-mounts`
+    /// option, rule 18). Their ends come back as the kernel reports them.
+    Detach {
+        /// The device.
+        id: ObjectId,
+        /// Its kernel users to detach (mounts and swap).
+        references: Vec<RefId>,
     },
 }

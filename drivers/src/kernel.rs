@@ -13,8 +13,9 @@ pub const LOOP: &str = "kernel-loop";
 pub const SCSI: &str = "kernel-scsi";
 /// Devices bound to a kernel driver: write their name to the driver's `unbind`.
 pub const UNBIND: &str = "kernel-unbind";
-/// Disks and partitions of a SCSI device: nothing of their own to do; the
-/// kernel takes them away with their device.
+/// Disks and partitions of a SCSI device, partitions of a loop device:
+/// nothing of their own to do; the kernel takes them away with their
+/// device ([`crate::Exit::WithParent`]).
 pub const WITH_PARENT: &str = "kernel-with-parent";
 
 /// The verbs devmgrd's executor knows.
@@ -83,7 +84,7 @@ impl Driver for KernelRemoval {
             },
             SCSI => later(verbs::SCSI_DELETE, target.sys_path),
             UNBIND => later(verbs::DRIVER_UNBIND, target.sys_path),
-            _ => Exit::Done,
+            _ => Exit::WithParent,
         }
     }
 }

@@ -12,6 +12,7 @@ mod error;
 mod event;
 mod ids;
 pub mod kernel;
+mod kernel_users;
 mod lifecycle;
 mod model;
 pub mod sim_scsi;
@@ -23,6 +24,7 @@ pub use driver::{Driver, Exit, ExitAction, NewChild, ObjectView, ProbeOptions, R
 pub use error::{Error, ErrorKind, Result};
 pub use event::{Effect, Event};
 pub use ids::{Micros, ObjectId, RefId, RequestId};
+pub use kernel_users::{KernelUse, KernelUser, KERNEL_HOLDER_KEY};
 pub use lifecycle::{AddRequest, ExitResult, PendingObject, RemoveOptions, RemoveReport};
 pub use model::{Holder, Model, ObjectInfo, ReferenceInfo};
 pub use proto::{Kind, OnTimeout, Origin, RemoveOutcome, State};

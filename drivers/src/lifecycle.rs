@@ -17,7 +17,10 @@ use crate::driver::{Exit, ImplId, ProbeOptions};
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::{Effect, Event};
 use crate::ids::{compose, Micros, ObjectId, RefId, RequestId, MAX_SLOTS};
-use crate::model::{kind_slot, Admin, Holder, Key, Model, Object, ReferenceInfo, Request, NONE};
+use crate::kernel_users::KernelUse;
+use crate::model::{
+    name_slot, scope_prefix, Admin, Holder, Key, Model, Object, ReferenceInfo, Request, NONE,
+};
 use crate::validate;
 
 /// What to add.
@@ -109,6 +112,9 @@ pub struct RemoveOptions {
     /// If the removal is left pending: how long it may wait (µs), and what
     /// to do then.
     pub timeout: Option<(Micros, OnTimeout)>,
+    /// Take away the kernel's mounts and swap on the affected set (rule 18):
+    /// an [`Effect::Detach`] per device that has any.
+    pub detach_mounts: bool,
 }
 
 /// One object a removal is still waiting on.
@@ -145,6 +151,15 @@ impl Model {
     pub fn add(&mut self, req: AddRequest) -> Result<ObjectId> {
         validate::name(&req.name)?;
         validate::attributes(&req.attributes)?;
+        if [Origin::Api, Origin::Udev]
+            .iter()
+            .any(|&o| req.name.starts_with(scope_prefix(o)))
+        {
+            return Err(Error::invalid_argument(format!(
+                "name {:?} starts with a scope (api: or udev:), which qualifies names when they are looked up",
+                req.name
+            )));
+        }
         self.require_room(1)?;
         let parent = match req.parent {
             None => NONE,
@@ -163,9 +178,20 @@ impl Model {
                     p.kind, req.kind
                 )));
             }
-            self.require_live_chain(parent, "accepts no new children")?;
+            // The kernel does not ask: a real device appears under whatever
+            // state its parent is in, and the model follows (rule 20) —
+            // except under one the kernel itself removed already (a stale
+            // event: the kernel removes children before their parent).
+            if req.origin == Origin::Api {
+                self.require_live_chain(parent, "accepts no new children")?;
+            } else if self.obj(parent).gone {
+                return Err(Error::invalid_state(format!(
+                    "{} is gone from the kernel: nothing appears under it",
+                    self.describe(parent)
+                )));
+            }
         }
-        self.require_free_name(req.kind, &req.name)?;
+        self.require_free_name(req.kind, req.origin, &req.name)?;
         if req.scanned && (parent == NONE || self.obj(parent).driver == NONE) {
             return Err(Error::invalid_argument(
                 "only a child of a bound object can be made by its driver",
@@ -292,7 +318,28 @@ impl Model {
             self.bind_now(key, d);
             self.create_scanned(key, d, found);
         }
+        if req.origin == Origin::Udev && parent != NONE {
+            self.join_parents_removal(key);
+        }
         Ok(id)
+    }
+
+    /// Rule 4 for a real device that appears under a parent whose removal
+    /// is pending (a partition table read while its disk waits on a
+    /// holder): it is part of that removal, as if the cascade had met it.
+    fn join_parents_removal(&mut self, key: Key) {
+        let parent = self.obj(key).parent;
+        let Some(req) = self.obj(parent).removal else {
+            return;
+        };
+        if !self.requests.contains_key(&req) {
+            return; // the parent's own teardown is under way, not a request
+        }
+        self.begin_exit(key, req);
+        // One that does not ride (it has its own removal) keeps a riding
+        // parent busy.
+        self.busy_again(parent);
+        self.settle_deferred();
     }
 
     /// Stores a new object, giving it its id (sequence and slot); the caller
@@ -301,8 +348,9 @@ impl Model {
         let key = self.objects.vacant_key() as Key;
         object.id = ObjectId(compose(self.next_object.next(), key));
         let (kind, name, parent) = (object.kind, Arc::clone(&object.name), object.parent);
+        let scope = name_slot(kind, object.origin);
         self.objects.insert(object);
-        self.names[kind_slot(kind)].insert(name, key);
+        self.names[scope].insert(name, key);
         if parent != NONE {
             let pos = self.obj(parent).children.len() as u32;
             self.obj_mut(parent).children.push(key);
@@ -350,7 +398,7 @@ impl Model {
             if child.kind == Kind::Driver {
                 return Err(Error::invalid_argument("a probe cannot create drivers"));
             }
-            self.require_free_name(child.kind, &child.name)?;
+            self.require_free_name(child.kind, view.origin, &child.name)?;
             if !fresh.insert((child.kind, child.name.as_str())) {
                 return Err(Error::new(
                     ErrorKind::NameInUse,
@@ -408,8 +456,8 @@ impl Model {
         Ok(())
     }
 
-    fn require_free_name(&self, kind: Kind, name: &str) -> Result<()> {
-        match self.names[kind_slot(kind)].get(name) {
+    fn require_free_name(&self, kind: Kind, origin: Origin, name: &str) -> Result<()> {
+        match self.names[name_slot(kind, origin)].get(name) {
             None => Ok(()),
             Some(&k) => Err(Error::new(
                 ErrorKind::NameInUse,
@@ -461,9 +509,7 @@ impl Model {
         let reason = reason.into();
         validate::reason(&reason)?;
         self.require_live_chain(key, "accepts no new references")?;
-        if self.refs.len() >= MAX_SLOTS - 1 || self.next_ref.exhausted() {
-            return Err(Error::new(ErrorKind::QuotaExceeded, "too many references"));
-        }
+        self.require_reference_room()?;
         if let Some(quota) = self.reference_quota {
             let held = self.held_by.get(&holder.key).copied().unwrap_or(0);
             if held >= quota {
@@ -477,6 +523,27 @@ impl Model {
             }
             *self.held_by.entry(holder.key).or_insert(0) += 1;
         }
+        Ok(self.insert_reference(key, holder, reason, now, None))
+    }
+
+    /// Refuses a reference beyond the arena's limits.
+    pub(crate) fn require_reference_room(&self) -> Result<()> {
+        if self.refs.len() >= MAX_SLOTS - 1 || self.next_ref.exhausted() {
+            return Err(Error::new(ErrorKind::QuotaExceeded, "too many references"));
+        }
+        Ok(())
+    }
+
+    /// Stores a reference on `key` (the caller checked room and quota) and
+    /// reports it.
+    pub(crate) fn insert_reference(
+        &mut self,
+        key: Key,
+        holder: Arc<Holder>,
+        reason: Arc<str>,
+        now: Micros,
+        kernel: Option<KernelUse>,
+    ) -> RefId {
         let rkey = self.refs.vacant_key() as Key;
         let reference = RefId(compose(self.next_ref.next(), rkey));
         let head = self.obj(key).ref_head;
@@ -488,6 +555,7 @@ impl Model {
             holder,
             reason,
             since: now,
+            kernel,
         });
         if head != NONE {
             self.refs[head as usize].prev = rkey;
@@ -495,19 +563,32 @@ impl Model {
         let o = self.obj_mut(key);
         o.ref_head = rkey;
         o.ref_count += 1;
-        let ref_count = o.ref_count;
+        let (id, ref_count) = (o.id, o.ref_count);
         self.events.push(Event::Acquired {
             id,
             reference,
             ref_count,
         });
-        Ok(reference)
+        reference
     }
 
     /// Drops a reference. A pending removal waiting on it completes now if
     /// the object became idle.
     pub fn release(&mut self, reference: RefId) -> Result<()> {
         let rkey = self.ref_key(reference)?;
+        if self.refs[rkey as usize].kernel.is_some() {
+            return Err(Error::invalid_argument(format!(
+                "reference {reference} is a kernel user: only the kernel ends it"
+            )));
+        }
+        self.drop_reference(rkey);
+        Ok(())
+    }
+
+    /// Drops the reference in slot `rkey`, reports it, and completes what
+    /// it was the last obstacle to.
+    pub(crate) fn drop_reference(&mut self, rkey: Key) {
+        let reference = self.refs[rkey as usize].id;
         let key = self.detach_ref(rkey);
         let o = self.obj(key);
         let (id, ref_count) = (o.id, o.ref_count);
@@ -521,13 +602,12 @@ impl Model {
             self.settle(key);
         }
         self.settle_deferred();
-        Ok(())
     }
 
     /// Removes a reference from the indexes; returns the object it was on.
     fn detach_ref(&mut self, rkey: Key) -> Key {
         let r = self.refs.remove(rkey as usize);
-        if self.reference_quota.is_some() {
+        if self.reference_quota.is_some() && r.kernel.is_none() {
             if let Some(held) = self.held_by.get_mut(&r.holder.key) {
                 *held -= 1;
                 if *held == 0 {
@@ -547,20 +627,36 @@ impl Model {
         r.object
     }
 
-    /// Revokes every reference on `key` (rule 9), telling the holders through
-    /// `Revoked` events.
+    /// Revokes every client reference on `key` (rule 9), telling the
+    /// holders through `Revoked` events. The kernel's users stay (rule 18):
+    /// force cannot unmount a filesystem or close a process's node.
     fn revoke_all(&mut self, key: Key) {
-        while self.obj(key).ref_head != NONE {
-            let rkey = self.obj(key).ref_head;
-            let reference = self.refs[rkey as usize].id;
-            self.detach_ref(rkey);
-            let o = self.obj(key);
-            self.events.push(Event::Revoked {
-                id: o.id,
-                reference,
-                ref_count: o.ref_count,
-            });
+        let mut r = self.obj(key).ref_head;
+        while r != NONE {
+            let next = self.refs[r as usize].next;
+            if self.refs[r as usize].kernel.is_none() {
+                let reference = self.refs[r as usize].id;
+                self.detach_ref(r);
+                let o = self.obj(key);
+                self.events.push(Event::Revoked {
+                    id: o.id,
+                    reference,
+                    ref_count: o.ref_count,
+                });
+            }
+            r = next;
         }
+    }
+
+    /// The kernel's users of `key`: (reference, kind), newest first.
+    pub(crate) fn kernel_refs(&self, key: Key) -> Vec<(RefId, KernelUse)> {
+        self.ref_keys(key)
+            .into_iter()
+            .filter_map(|r| {
+                let r = &self.refs[r as usize];
+                r.kernel.map(|k| (r.id, k))
+            })
+            .collect()
     }
 
     // --------------------------------------------------------- settling
@@ -663,6 +759,12 @@ impl Model {
     fn begin_exit(&mut self, key: Key, req: RequestId) -> bool {
         match self.exit_plan(key) {
             Exit::Done => {
+                // What rode on it goes with it, children first.
+                for (k, kid) in self.post_order(key) {
+                    if k != key && self.alive(k, kid) {
+                        self.finish_removal(k);
+                    }
+                }
                 self.finish_removal(key);
                 true
             }
@@ -686,12 +788,121 @@ impl Model {
                 self.fail_exit(key, error);
                 false
             }
+            Exit::WithParent => {
+                // Its parent is part of the same removal (a removal of a
+                // rider alone is refused up front), though within a cascade
+                // it is marked only after its children.
+                let parent = self.obj(key).parent;
+                if parent == NONE {
+                    let why = format!(
+                        "{} is removed by the kernel only with its parent",
+                        self.describe(key)
+                    );
+                    self.fail_exit(key, why);
+                    return false;
+                }
+                // If what carries it away cannot be removed, neither can
+                // this: it stays now, with one transition, rather than
+                // riding and failing in the same step.
+                let mut carrier = parent;
+                while carrier != NONE && self.exit_plan(carrier) == Exit::WithParent {
+                    carrier = self.obj(carrier).parent;
+                }
+                if carrier != NONE {
+                    if let Exit::Failed(error) = self.exit_plan(carrier) {
+                        let why = format!(
+                            "not removed: the removal of {} fails: {error}",
+                            self.describe(carrier)
+                        );
+                        self.fail_exit(key, why);
+                        return false;
+                    }
+                }
+                self.change_state(key, |o| {
+                    o.removal = Some(req);
+                    o.exiting = true;
+                });
+                self.obj_mut(key).extra_mut().riding = true;
+                self.obj_mut(parent).extra_mut().riders += 1;
+                self.release_scanned(key);
+                // The parent may be idle now (its last busy child rides);
+                // it may also be a later step of the current walk.
+                let parent_id = self.obj(parent).id;
+                self.deferred.push((parent, parent_id));
+                false
+            }
+        }
+    }
+
+    /// A rider that stops riding (a user of its own appeared, its parent's
+    /// removal was called off or failed): it keeps its parent busy again —
+    /// and a parent that rode on its own parent waits too (a SCSI disk
+    /// whose partition got a user), so a rider is always idle.
+    pub(crate) fn stop_riding(&mut self, key: Key) {
+        let parent = self.obj(key).parent;
+        let o = self.obj_mut(key);
+        o.exiting = false;
+        o.extra_mut().riding = false;
+        // A driver removal that held it back while it rode lets it go now
+        // if it is free (while still `removing`, so its state does not move).
+        let o = self.obj(key);
+        if o.unbind_hold.is_some() && o.ref_count == 0 && o.scanned_children == 0 {
+            self.unbind_now(key);
+        }
+        if parent != NONE {
+            self.obj_mut(parent).extra_mut().riders -= 1;
+            self.busy_again(parent);
+        }
+    }
+
+    /// `key` may have stopped being idle (a user or a busy child appeared):
+    /// if it was riding on its parent's removal, it waits on its own now.
+    pub(crate) fn busy_again(&mut self, key: Key) {
+        let o = self.obj(key);
+        if o.riding() && !o.is_idle() {
+            self.stop_riding(key);
+        }
+    }
+
+    /// Rule 20 for what was to go with `key`: its removal failed, so the
+    /// kernel keeps its partitions too (riding on it, or waiting on a user
+    /// of their own that appeared while its driver acted). Each stays,
+    /// `stopped`, saying why (children first).
+    fn fail_riders(&mut self, key: Key, error: &str) {
+        let Some(req) = self.obj(key).removal else {
+            return;
+        };
+        let with_it: Vec<Key> = self
+            .obj(key)
+            .children
+            .iter()
+            .copied()
+            .filter(|&c| {
+                let c = self.obj(c);
+                c.riding() || (c.removal == Some(req) && !c.exiting)
+            })
+            .collect();
+        let why = format!(
+            "not removed: the removal of {} failed: {error}",
+            self.describe(key)
+        );
+        for c in with_it {
+            self.fail_riders(c, error);
+            if self.obj(c).riding() {
+                self.stop_riding(c);
+            }
+            self.change_state(c, |o| {
+                o.removal = None;
+                o.admin = Admin::Stopped;
+            });
+            self.set_error(c, why.clone());
         }
     }
 
     /// A driver could not let go: the object stays, `stopped`, with the error
     /// shown, and is no longer its parent's driver's to tear down.
-    fn fail_exit(&mut self, key: Key, error: String) {
+    pub(crate) fn fail_exit(&mut self, key: Key, error: String) {
+        self.fail_riders(key, &error);
         let was_root = self.root_request_of(key);
         self.change_state(key, |o| {
             o.removal = None;
@@ -765,7 +976,10 @@ impl Model {
             self.pending -= 1;
         }
         if !o.gone {
-            self.names[kind_slot(o.kind)].remove(&*o.name);
+            self.names[name_slot(o.kind, o.origin)].remove(&*o.name);
+        }
+        if o.parent != NONE && o.riding() {
+            self.obj_mut(o.parent).extra_mut().riders -= 1;
         }
         if o.parent != NONE {
             let p = self.obj_mut(o.parent);
@@ -833,7 +1047,7 @@ impl Model {
     /// Ends a mutating operation: settles what a walk deferred (drivers that
     /// lost bindings, hosts whose scanned devices are gone), which may be
     /// idle or free now.
-    fn settle_deferred(&mut self) {
+    pub(crate) fn settle_deferred(&mut self) {
         while let Some((d, id)) = self.deferred.pop() {
             if self.alive(d, id) {
                 self.settle(d);
@@ -900,6 +1114,15 @@ impl Model {
                 }
                 Exit::Failed(why) => return Err(Error::invalid_state(why)),
                 Exit::NotSupported(why) => return Err(Error::new(ErrorKind::NotSupported, why)),
+                Exit::WithParent => {
+                    return Err(Error::new(
+                        ErrorKind::NotSupported,
+                        format!(
+                            "{} goes only with its parent: remove that instead",
+                            self.describe(k)
+                        ),
+                    ))
+                }
             }
         }
         if force {
@@ -984,10 +1207,14 @@ impl Model {
             };
             return Err(Error::new(ErrorKind::NotSupported, why));
         }
+        self.require_own_removal(key)?;
         let root = self.obj(key);
         let already = root.removal.is_some() || root.gone || root.exiting;
         if options.dry_run {
-            return Ok(self.predict_removal(key, &affected, options.force));
+            return Ok(self.predict_removal(key, &affected, options));
+        }
+        if options.detach_mounts {
+            self.detach_kernel_users(&affected);
         }
         if already && !options.force {
             return Ok(self.report(id, &affected));
@@ -1056,6 +1283,40 @@ impl Model {
         }
         self.settle_deferred();
         Ok(self.report(id, &affected))
+    }
+
+    /// Rule 20: an object the kernel removes only with its parent (a
+    /// partition, a SCSI device's disk) cannot be removed alone; the error
+    /// names what to remove instead.
+    fn require_own_removal(&self, key: Key) -> Result<()> {
+        let o = self.obj(key);
+        if o.gone || o.exiting || o.parent == NONE || self.exit_plan(key) != Exit::WithParent {
+            return Ok(());
+        }
+        Err(Error::new(
+            ErrorKind::NotSupported,
+            format!(
+                "{} is removed by the kernel only with {}: remove that instead",
+                self.describe(key),
+                self.describe(o.parent)
+            ),
+        ))
+    }
+
+    /// Rule 18's `detach-mounts`: asks for the mounts and swap on every
+    /// device of the affected set to be taken away.
+    fn detach_kernel_users(&mut self, affected: &[(Key, ObjectId)]) {
+        for &(k, id) in affected {
+            let references: Vec<RefId> = self
+                .kernel_refs(k)
+                .into_iter()
+                .filter(|(_, kind)| kind.detachable())
+                .map(|(r, _)| r)
+                .collect();
+            if !references.is_empty() {
+                self.effects.push(Effect::Detach { id, references });
+            }
+        }
     }
 
     /// Whether `key` would have to exit through a driver that cannot remove it.
@@ -1199,13 +1460,27 @@ impl Model {
     /// it is unreferenced (or forced), its children all go, and its driver
     /// lets go synchronously; a driver's bound object is unbound at once if
     /// it is unreferenced (or forced) and what its probe created all goes.
-    fn predict_removal(&self, key: Key, affected: &[(Key, ObjectId)], force: bool) -> RemoveReport {
+    fn predict_removal(
+        &self,
+        key: Key,
+        affected: &[(Key, ObjectId)],
+        options: RemoveOptions,
+    ) -> RemoveReport {
         let mut goes = rustc_hash::FxHashSet::default();
         let root_is_driver = self.obj(key).kind == Kind::Driver;
         let mut pending = Vec::new();
         for &(k, _) in affected {
             let o = self.obj(k);
-            let free = force || o.ref_count == 0;
+            // What is left once force revokes the clients' references and
+            // detach-mounts takes the mounts and swap: the kernel's other
+            // users are never taken away (rule 18).
+            let free = self.ref_keys(k).into_iter().all(|r| {
+                let r = &self.refs[r as usize];
+                match r.kernel {
+                    None => options.force,
+                    Some(kind) => options.detach_mounts && kind.detachable(),
+                }
+            });
             if root_is_driver && k != key && o.driver == key {
                 // A bound object: it is unbound, not removed.
                 let scanned_go = o
@@ -1222,7 +1497,10 @@ impl Model {
             }
             let children_go = o.children.iter().all(|c| goes.contains(c));
             let bound_go = o.bound().iter().all(|b| goes.contains(b));
-            let exits_now = o.gone || (!o.exiting && self.exit_plan(k) == Exit::Done);
+            // A rider goes with its parent, which is in the affected set.
+            let exits_now = o.gone
+                || o.riding()
+                || (!o.exiting && matches!(self.exit_plan(k), Exit::Done | Exit::WithParent));
             if free && children_go && bound_go && exits_now {
                 goes.insert(k);
             } else {
@@ -1318,10 +1596,26 @@ impl Model {
     /// it passes to the parent's request instead of coming back.
     fn clear_removal(&mut self, key: Key, req: RequestId) {
         let o = self.obj(key);
-        if o.removal != Some(req) || o.exiting {
+        if o.removal != Some(req) {
             return;
         }
         let inherit = self.covering_request(key);
+        if o.riding() {
+            // Nothing real is under way for a rider until its parent acts
+            // (and an acting parent cannot be called off): it rides on
+            // whatever still removes its parent, or comes back.
+            match inherit {
+                Some(other) => self.obj_mut(key).removal = Some(other),
+                None => {
+                    self.stop_riding(key);
+                    self.change_state(key, |o| o.removal = None);
+                }
+            }
+            return;
+        }
+        if o.exiting {
+            return;
+        }
         self.change_state(key, |o| o.removal = inherit);
     }
 
@@ -1343,6 +1637,7 @@ impl Model {
         if let Some(req) = own {
             self.cancel(req);
         }
+        self.settle_deferred();
         Ok(())
     }
 
@@ -1372,6 +1667,7 @@ impl Model {
         if let Some(req) = own {
             self.cancel(req);
         }
+        self.settle_deferred();
         Ok(())
     }
 
@@ -1384,7 +1680,7 @@ impl Model {
                 self.describe(key)
             )));
         }
-        if o.exiting {
+        if o.exiting && !o.riding() {
             return Err(Error::invalid_state(format!(
                 "{} is being torn down by its driver and cannot be {verb}",
                 self.describe(key)
@@ -1430,8 +1726,10 @@ impl Model {
                 continue;
             }
             let o = self.obj(k);
-            if o.exiting || o.is_idle() {
-                // Idle, or its driver's teardown is what the kernel just confirmed.
+            if o.is_idle() {
+                // Idle, or its driver's teardown is what the kernel just
+                // confirmed (an exiting object is idle, unless a kernel user
+                // raced in: then it is gone below, and goes with that user).
                 // Parents inside the subtree come later in this walk; settling
                 // them now would give them two transitions in one step.
                 let (parent, driver) = (o.parent, o.driver);
@@ -1447,6 +1745,11 @@ impl Model {
             if o.gone {
                 continue;
             }
+            if o.riding() {
+                self.stop_riding(k);
+            } else if o.exiting {
+                self.obj_mut(k).exiting = false;
+            }
             if let Some(req) = self.root_request_of(k) {
                 // Its descendants were handled first; for a driver, call off
                 // what its removal did to the objects bound to it.
@@ -1460,8 +1763,9 @@ impl Model {
                 o.removal = None;
                 o.unbind_hold = None;
             });
-            let (kind, name) = (self.obj(k).kind, Arc::clone(&self.obj(k).name));
-            self.names[kind_slot(kind)].remove(&*name);
+            let o = self.obj(k);
+            let (slot, name) = (name_slot(o.kind, o.origin), Arc::clone(&o.name));
+            self.names[slot].remove(&*name);
             self.release_scanned(k);
             if self.obj(k).driver != NONE {
                 let d = self.obj(k).driver;
@@ -1501,9 +1805,9 @@ impl Model {
     pub fn kernel_renamed(&mut self, id: ObjectId, name: &str, sys_path: &str) -> Result<()> {
         let key = self.key(id)?;
         validate::name(name)?;
-        let (kind, gone, old) = {
+        let (kind, origin, gone, old) = {
             let o = self.obj(key);
-            (o.kind, o.gone, o.name.clone())
+            (o.kind, o.origin, o.gone, o.name.clone())
         };
         let old_path = self.obj(key).view().sys_path.to_owned();
         if *old == *name && old_path == sys_path {
@@ -1511,11 +1815,12 @@ impl Model {
         }
         let name: Arc<str> = Arc::from(name);
         if *old != *name {
-            self.require_free_name(kind, &name)?;
+            self.require_free_name(kind, origin, &name)?;
             // A gone object's name is already free (rule 8); it stays unindexed.
             if !gone {
-                self.names[kind_slot(kind)].remove(&*old);
-                self.names[kind_slot(kind)].insert(name.clone(), key);
+                let slot = name_slot(kind, origin);
+                self.names[slot].remove(&*old);
+                self.names[slot].insert(name.clone(), key);
             }
             self.obj_mut(key).name = name.clone();
         }
@@ -1593,7 +1898,19 @@ impl Model {
                 self.describe(key)
             )));
         }
+        if self.obj(key).riding() {
+            return Err(Error::invalid_state(format!(
+                "{} goes with its parent: it has no driver action of its own",
+                self.describe(key)
+            )));
+        }
         match result {
+            Ok(()) if !self.obj(key).is_idle() => {
+                // A kernel user raced in while the driver acted (rule 19
+                // keeps mounts out, not every open): it is gone from the
+                // driver now, and goes with that user.
+                return self.kernel_removed(id);
+            }
             Ok(()) => {
                 let o = self.obj(key);
                 let next: Vec<(Key, ObjectId)> = [o.parent, o.driver]
@@ -1601,6 +1918,12 @@ impl Model {
                     .filter(|&p| p != NONE)
                     .map(|p| (p, self.obj(p).id))
                     .collect();
+                // What rode on it goes with it, children first.
+                for (k, kid) in self.post_order(key) {
+                    if k != key && self.alive(k, kid) {
+                        self.finish_removal(k);
+                    }
+                }
                 self.finish_removal(key);
                 // Settling the parent can complete the driver too (when the
                 // parent is bound to the same removing driver): then there
@@ -1635,6 +1958,9 @@ impl Model {
             };
             let root = request.root;
             match action {
+                // A driver action already under way cannot be called off
+                // (as Reenable refuses it): the removal runs to its end.
+                OnTimeout::Cancel if self.obj(root).exiting => {}
                 OnTimeout::Cancel => {
                     self.cancel(req);
                     self.settle_deferred();

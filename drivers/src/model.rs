@@ -16,18 +16,34 @@ use crate::driver::{ImplId, ObjectView, Registry};
 use crate::error::{Error, Result};
 use crate::event::{Effect, Event};
 use crate::ids::{slot_of, Counter, Micros, ObjectId, RefId, RequestId};
+use crate::kernel_users::KernelUse;
 
 /// Slab key of an object or reference. `u32` keeps per-object links small.
 pub(crate) type Key = u32;
 /// "No key" in a `Key` field.
 pub(crate) const NONE: Key = Key::MAX;
 
-/// Index of a kind in [`Model::names`].
-pub(crate) fn kind_slot(kind: Kind) -> usize {
-    match kind {
+/// Index of a name scope in [`Model::names`]: names are unique per kind
+/// within each origin, so an API-added `host0` and the machine's own `host0`
+/// are two objects (rule 20: a client never takes a name from the machine,
+/// and a real device is modelled whatever clients added; docs/naming.md).
+pub(crate) fn name_slot(kind: Kind, origin: Origin) -> usize {
+    let kind = match kind {
         Kind::Driver => 0,
         Kind::Host => 1,
         Kind::Device => 2,
+    };
+    match origin {
+        Origin::Api => kind,
+        Origin::Udev => 3 + kind,
+    }
+}
+
+/// What qualifies a name with its scope: `api:host0`, `udev:host0`.
+pub(crate) fn scope_prefix(origin: Origin) -> &'static str {
+    match origin {
+        Origin::Api => "api:",
+        Origin::Udev => "udev:",
     }
 }
 
@@ -57,6 +73,9 @@ pub struct Holder {
 pub struct ReferenceInfo {
     /// The reference's id.
     pub id: RefId,
+    /// For a user the kernel knows (rule 17), what kind it is; `None` for
+    /// a client's reference.
+    pub kernel: Option<KernelUse>,
     /// The object it is on.
     pub object: ObjectId,
     /// Who holds it.
@@ -117,6 +136,11 @@ pub(crate) struct Extra {
     pub(crate) implementation: Option<ImplId>,
     /// The client that added it, while a per-client quota is counted.
     pub(crate) added_by: Option<u64>,
+    /// How many children ride on this object's removal: the kernel takes
+    /// them away with it (a disk's partitions), so they do not keep it busy.
+    pub(crate) riders: u32,
+    /// It rides on its parent's removal (its own exit is "with its parent").
+    pub(crate) riding: bool,
 }
 
 #[derive(Debug)]
@@ -176,9 +200,22 @@ impl Object {
         self.extra.as_deref().map_or(&[], |e| &e.bound)
     }
 
-    /// Idle: no references, no children, nothing bound (DESIGN.md §2).
+    /// Idle: no references (the kernel's users included), no children but
+    /// those riding on its removal, nothing bound (DESIGN.md §2).
     pub(crate) fn is_idle(&self) -> bool {
-        self.ref_count == 0 && self.children.is_empty() && self.bound().is_empty()
+        self.ref_count == 0
+            && self.bound().is_empty()
+            && (self.children.is_empty() || self.children.len() == self.riders() as usize)
+    }
+
+    /// How many children ride on its removal.
+    pub(crate) fn riders(&self) -> u32 {
+        self.extra.as_deref().map_or(0, |e| e.riders)
+    }
+
+    /// Whether it rides on its parent's removal.
+    pub(crate) fn riding(&self) -> bool {
+        self.extra.as_deref().is_some_and(|e| e.riding)
     }
 
     pub(crate) fn extra_mut(&mut self) -> &mut Extra {
@@ -208,6 +245,8 @@ pub(crate) struct Reference {
     pub(crate) holder: Arc<Holder>,
     pub(crate) reason: Arc<str>,
     pub(crate) since: Micros,
+    /// A user the kernel knows (rule 17): never revoked by force.
+    pub(crate) kernel: Option<KernelUse>,
 }
 
 /// A pending removal request.
@@ -224,8 +263,9 @@ pub(crate) struct Request {
 pub struct Model {
     /// Objects; an object id's low bits are its slot here.
     pub(crate) objects: Slab<Object>,
-    /// Name index per kind (see [`kind_slot`]) over objects that are not `gone`.
-    pub(crate) names: [FxHashMap<Arc<str>, Key>; 3],
+    /// Name index per kind and scope (see [`name_slot`]) over objects
+    /// that are not `gone`.
+    pub(crate) names: [FxHashMap<Arc<str>, Key>; 6],
     /// References; a reference id's low bits are its slot here.
     pub(crate) refs: Slab<Reference>,
     pub(crate) requests: FxHashMap<RequestId, Request>,
@@ -416,11 +456,32 @@ impl Model {
     }
 
     /// The object of this kind with this name (among objects not `gone`).
+    /// A name qualified with its scope (`api:host0`, `udev:host0`) names the
+    /// object of that origin; a plain name names the API-added object if
+    /// there is one, else the machine's: a client that added `host0` on a
+    /// machine with a real `host0` acts on its own (docs/naming.md).
     pub fn find(&self, kind: Kind, name: &str) -> Result<ObjectId> {
-        self.names[kind_slot(kind)]
+        for origin in [Origin::Api, Origin::Udev] {
+            if let Some(plain) = name.strip_prefix(scope_prefix(origin)) {
+                return self.find_in(kind, origin, plain);
+            }
+        }
+        self.find_in(kind, Origin::Api, name)
+            .or_else(|_| self.find_in(kind, Origin::Udev, name))
+            .map_err(|_| Error::not_found(format!("no {kind} named {name:?}")))
+    }
+
+    /// The object of this kind and origin with this name.
+    pub fn find_in(&self, kind: Kind, origin: Origin, name: &str) -> Result<ObjectId> {
+        self.names[name_slot(kind, origin)]
             .get(name)
             .map(|&k| self.obj(k).id)
-            .ok_or_else(|| Error::not_found(format!("no {kind} named {name:?}")))
+            .ok_or_else(|| {
+                Error::not_found(format!(
+                    "no {kind} named {name:?} among the {} objects",
+                    origin.as_str()
+                ))
+            })
     }
 
     /// A description of one object.
@@ -459,6 +520,7 @@ impl Model {
         let r = &self.refs[key as usize];
         ReferenceInfo {
             id: r.id,
+            kernel: r.kernel,
             object: self.obj(r.object).id,
             holder: Arc::clone(&r.holder),
             reason: Arc::clone(&r.reason),
@@ -512,7 +574,7 @@ impl Model {
         }
         if self.reference_quota.is_some() {
             let mut held: FxHashMap<u64, u32> = FxHashMap::default();
-            for (_, r) in self.refs.iter() {
+            for (_, r) in self.refs.iter().filter(|(_, r)| r.kernel.is_none()) {
                 *held.entry(r.holder.key).or_insert(0) += 1;
             }
             if held != self.held_by {
@@ -539,7 +601,7 @@ impl Model {
                 }
             } else {
                 seen_names += 1;
-                if self.names[kind_slot(o.kind)].get(&o.name) != Some(&k) {
+                if self.names[name_slot(o.kind, o.origin)].get(&o.name) != Some(&k) {
                     return Err(format!("object {} not indexed by name", o.id));
                 }
             }
@@ -572,6 +634,32 @@ impl Model {
                     o.id, o.scanned_children
                 ));
             }
+            let riders = o.children.iter().filter(|&&c| self.obj(c).riding()).count();
+            if riders != o.riders() as usize {
+                return Err(format!(
+                    "object {} counts {} riders, has {riders}",
+                    o.id,
+                    o.riders()
+                ));
+            }
+            if o.riding() {
+                let p = self
+                    .objects
+                    .get(o.parent as usize)
+                    .ok_or("rider without a parent")?;
+                if !o.exiting || o.removal.is_none() {
+                    return Err(format!("rider {} is not on its way out", o.id));
+                }
+                if !o.is_idle() {
+                    return Err(format!("rider {} is busy", o.id));
+                }
+                if p.removal.is_none() {
+                    return Err(format!(
+                        "rider {} rides on a parent that is not being removed",
+                        o.id
+                    ));
+                }
+            }
             if o.driver != NONE {
                 let d = self
                     .objects
@@ -594,6 +682,12 @@ impl Model {
                 let reference = self.refs.get(r as usize).ok_or("dangling reference")?;
                 if reference.object != k || reference.prev != prev || count > o.ref_count {
                     return Err(format!("reference list of {} broken", o.id));
+                }
+                if reference.kernel.is_some() && (o.origin != Origin::Udev || o.scanned) {
+                    return Err(format!(
+                        "kernel user {} on {}, which is not a real device",
+                        reference.id, o.id
+                    ));
                 }
                 total_refs += 1;
                 count += 1;

@@ -9,6 +9,9 @@
 //!   and never removed before it is idle;
 //! - re-enable / stop cancel exactly what their removal caused;
 //! - ids are never reused, and stale ids are rejected;
+//! - the kernel's users (rule 17) keep an object exactly as references do,
+//!   `force` never revokes them (rule 18), and a partition that goes with
+//!   its disk never keeps the disk from going;
 //! - every visible state change emits exactly one event, and nothing else does;
 //! - no reference points to a removed object; every count agrees with a recount.
 //!
@@ -20,8 +23,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use drivers::{
-    AddRequest, Effect, ErrorKind, Event, Holder, Kind, Model, ObjectId, OnTimeout, Origin,
-    ProbeOptions, RefId, RemoveOptions, State,
+    AddRequest, Effect, ErrorKind, Event, Holder, KernelUse, KernelUser, Kind, Model, ObjectId,
+    OnTimeout, Origin, ProbeOptions, RefId, RemoveOptions, State,
 };
 use proptest::prelude::*;
 
@@ -40,6 +43,24 @@ enum Op {
         parent: u16,
         udev: bool,
     },
+    /// A real block device: a loop disk, or (with a parent) a partition
+    /// that the kernel removes with its disk.
+    AddDisk {
+        parent: Option<u16>,
+    },
+    /// The kernel reports a user of a real device (rule 17).
+    KernelUse {
+        object: u16,
+        kind: u8,
+    },
+    /// The kernel reports that one of them went.
+    KernelUseEnded {
+        which: u16,
+    },
+    /// A driver action found its device claimed (rule 19).
+    ExitBusy {
+        which: u16,
+    },
     Acquire {
         object: u16,
     },
@@ -51,6 +72,7 @@ enum Op {
         force: bool,
         dry_run: bool,
         timeout: Option<(u8, bool)>,
+        detach: bool,
     },
     Stop {
         object: u16,
@@ -88,9 +110,13 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (idx(), any::<bool>()).prop_map(|(parent, udev)| Op::AddDevice { parent, udev }),
         6 => idx().prop_map(|object| Op::Acquire { object }),
         5 => idx().prop_map(|reference| Op::Release { reference }),
+        2 => proptest::option::weighted(0.6, idx()).prop_map(|parent| Op::AddDisk { parent }),
+        3 => (idx(), 0u8..4).prop_map(|(object, kind)| Op::KernelUse { object, kind }),
+        2 => idx().prop_map(|which| Op::KernelUseEnded { which }),
+        1 => idx().prop_map(|which| Op::ExitBusy { which }),
         4 => (idx(), prop::bool::weighted(0.15), prop::bool::weighted(0.1),
-              proptest::option::weighted(0.2, (1u8..5, any::<bool>())))
-            .prop_map(|(object, force, dry_run, timeout)| Op::Remove { object, force, dry_run, timeout }),
+              proptest::option::weighted(0.2, (1u8..5, any::<bool>())), prop::bool::weighted(0.15))
+            .prop_map(|(object, force, dry_run, timeout, detach)| Op::Remove { object, force, dry_run, timeout, detach }),
         2 => idx().prop_map(|object| Op::Stop { object }),
         3 => idx().prop_map(|object| Op::Reenable { object }),
         2 => (idx(), idx(), 0u8..3).prop_map(|(object, driver, luns)| Op::Bind { object, driver, luns }),
@@ -115,6 +141,8 @@ struct Shadow {
     refs: HashMap<ObjectId, HashSet<RefId>>,
     /// References handed out (some since released).
     all_refs: Vec<RefId>,
+    /// The kernel's users among them (some since gone).
+    kernel_refs: Vec<RefId>,
     live_refs: HashSet<RefId>,
     /// Objects waiting on a driver action.
     exiting: Vec<ObjectId>,
@@ -127,6 +155,8 @@ struct Shadow {
     deadline_of: HashMap<u64, u64>,
     /// The root object of each remove step, and its cancel deadline.
     serial_root: HashMap<u64, ObjectId>,
+    /// The remove step that made each of the engine's requests.
+    request_serial: HashMap<drivers::RequestId, u64>,
 }
 
 fn pick<T: Copy>(items: &[T], i: u16) -> Option<T> {
@@ -224,6 +254,60 @@ impl Run {
                 }
                 self.model.add(req).map(drop)
             }
+            Op::AddDisk { parent } => {
+                // Mostly loop devices; now and then one whose removal fails.
+                let name = if self.step.is_multiple_of(4) { "disk" } else { "loop" };
+                let mut req = AddRequest::new(Kind::Device, format!("{name}{}", self.step));
+                req.origin = Origin::Udev;
+                req.subsystem = "block".into();
+                req.handler = Some(drivers::kernel::LOOP.into());
+                if let Some(p) = parent.and_then(|p| pick(&ids, p)) {
+                    req = req.parent(p);
+                    req.handler = Some(drivers::kernel::WITH_PARENT.into());
+                }
+                self.model.add(req).map(drop)
+            }
+            Op::KernelUse { object, kind } => match pick(&ids, object) {
+                None => Ok(()),
+                Some(id) => {
+                    let user = KernelUser {
+                        kind: KernelUse::ALL[usize::from(kind % 4)],
+                        uid: 0,
+                        pid: 0,
+                        reason: "mounted at /prop (ext4)".into(),
+                    };
+                    let result = self.model.kernel_use_began(id, user, self.now);
+                    if let Ok(r) = &result {
+                        self.shadow.kernel_refs.push(*r);
+                    }
+                    result.map(drop)
+                }
+            },
+            Op::KernelUseEnded { which } => match pick(&self.shadow.kernel_refs, which) {
+                None => Ok(()),
+                Some(r) => {
+                    let live = self.shadow.live_refs.contains(&r);
+                    let result = self.model.kernel_use_ended(r);
+                    if !live {
+                        prop_assert_eq!(
+                            result.as_ref().map_err(|e| e.kind),
+                            Err(ErrorKind::NotFound)
+                        );
+                    }
+                    result
+                }
+            },
+            Op::ExitBusy { which } => match pick(&self.shadow.exiting, which) {
+                None => Ok(()),
+                Some(id) => {
+                    let result = self.model.exit_busy(id, "claimed".to_owned());
+                    if result.is_ok() {
+                        // Abandoned or failed: either way no action is in flight.
+                        self.shadow.exiting.retain(|x| *x != id);
+                    }
+                    result
+                }
+            },
             Op::Acquire { object } => match pick(&ids, object) {
                 None => Ok(()),
                 Some(id) => self
@@ -250,6 +334,7 @@ impl Run {
                 force,
                 dry_run,
                 timeout,
+                detach,
             } => match pick(&ids, object) {
                 None => Ok(()),
                 Some(id) => {
@@ -267,6 +352,7 @@ impl Run {
                         force,
                         dry_run,
                         timeout,
+                        detach_mounts: detach,
                     };
                     // Removing a root that is already pending joins its
                     // request (rule 16): the same serial, not a new one.
@@ -286,6 +372,9 @@ impl Run {
                         let serial = ongoing.unwrap_or(self.step);
                         remove_serial = Some(serial);
                         self.shadow.serial_root.insert(serial, id);
+                        if let Ok(Some(req)) = self.model.removal_request(id) {
+                            self.shadow.request_serial.entry(req).or_insert(serial);
+                        }
                         // A new request takes the deadline; a repeat only with force.
                         if let Some((after, _)) = timeout.filter(|_| ongoing.is_none() || force) {
                             self.shadow.deadline_of.insert(serial, self.now + after);
@@ -387,8 +476,20 @@ impl Run {
             }
         }
         self.follow_transfers();
-        for Effect::Exit { id, .. } in effects {
-            self.shadow.exiting.push(id);
+        let mut detached = Vec::new();
+        for effect in effects {
+            match effect {
+                Effect::Exit { id, .. } => self.shadow.exiting.push(id),
+                Effect::Detach { references, .. } => {
+                    for r in &references {
+                        prop_assert!(
+                            self.shadow.kernel_refs.contains(r),
+                            "detach of a reference that is no kernel user"
+                        );
+                    }
+                    detached.extend(references);
+                }
+            }
         }
         self.shadow.exiting.retain(|id| self.model.contains(*id));
         self.model
@@ -396,6 +497,21 @@ impl Run {
             .map_err(|e| TestCaseError::fail(format!("after {op:?}: {e}")))?;
         prop_assert_eq!(self.model.reference_count(), self.shadow.live_refs.len());
         prop_assert_eq!(self.model.object_count(), self.shadow.alive.len());
+        // The kernel lets go of what was detached (lazily unmounted, swap
+        // off), as the daemon's watcher then reports.
+        for r in detached {
+            if self.shadow.live_refs.contains(&r) {
+                let which = self
+                    .shadow
+                    .kernel_refs
+                    .iter()
+                    .position(|x| *x == r)
+                    .unwrap();
+                self.apply(&Op::KernelUseEnded {
+                    which: which as u16,
+                })?;
+            }
+        }
         Ok(())
     }
 
@@ -438,6 +554,20 @@ impl Run {
                         if *to == State::Removing || *to == State::Stopped {
                             self.shadow.cause.entry(*id).or_default().push(serial);
                         }
+                    } else if *to == State::Removing && !before.contains_key(id) {
+                        // A real device added under a parent being removed
+                        // joins that removal: the parent's cause is its own.
+                        // (The removal the parent is part of, not a
+                        // driver's removal holding it back.)
+                        let heir = self
+                            .model
+                            .removal_request(*id)
+                            .ok()
+                            .flatten()
+                            .and_then(|req| self.shadow.request_serial.get(&req).copied());
+                        if let Some(serial) = heir {
+                            self.shadow.cause.entry(*id).or_default().push(serial);
+                        }
                     }
                 }
                 Event::Acquired {
@@ -450,6 +580,15 @@ impl Run {
                     prop_assert_eq!(set.len() as u32, *ref_count);
                     self.shadow.all_refs.push(*reference);
                     self.shadow.live_refs.insert(*reference);
+                }
+                Event::Revoked { reference, .. } if self.shadow.kernel_refs.contains(reference) => {
+                    prop_assert!(false, "force revoked kernel user {} ({:?})", reference, op);
+                }
+                Event::Released { reference, .. }
+                    if self.shadow.kernel_refs.contains(reference)
+                        && !matches!(op, Op::KernelUseEnded { .. }) =>
+                {
+                    prop_assert!(false, "kernel user {} ended by {:?}", reference, op);
                 }
                 Event::Released {
                     id,
@@ -501,11 +640,23 @@ impl Run {
         let after = self.states();
         for (id, state) in &after {
             let Some(old) = before.get(id) else {
-                prop_assert!(
-                    !changes.contains_key(id),
-                    "new object {} changed state in its own step",
-                    id
-                );
+                // A real device that appears under a parent being removed
+                // joins that removal (rule 4) in the step that adds it:
+                // one change, from live.
+                let joined = self.model.get(*id).is_ok_and(|o| {
+                    o.origin == Origin::Udev
+                        && o.parent.and_then(|p| before.get(&p)) == Some(&State::Removing)
+                });
+                match changes.get(id).map(Vec::as_slice) {
+                    None | Some([]) => {}
+                    Some([(State::Live, to)]) if joined => prop_assert_eq!(to, state),
+                    Some(other) => prop_assert!(
+                        false,
+                        "new object {} changed state in its own step: {:?}",
+                        id,
+                        other
+                    ),
+                }
                 continue;
             };
             match changes.get(id).map(Vec::as_slice) {
@@ -652,7 +803,7 @@ impl Run {
 
 /// Whether something `id`'s removal waits on carries a failed driver action:
 /// an object in its subtree, or (for a driver) an object bound to it or in
-/// such an object's subtree.
+/// such an object's subtree, or what carries a riding partition away.
 fn failed_below(model: &Model, id: ObjectId) -> bool {
     let all = model.list();
     let mut stack = vec![id];
@@ -661,8 +812,17 @@ fn failed_below(model: &Model, id: ObjectId) -> bool {
         if !seen.insert(next) {
             continue;
         }
-        if model.get(next).is_ok_and(|o| !o.last_error.is_empty()) {
+        let Ok(info) = model.get(next) else { continue };
+        if !info.last_error.is_empty() {
             return true;
+        }
+        // A partition riding on its disk's removal waits on what the disk
+        // waits on.
+        if info.state == State::Removing {
+            stack.extend(
+                info.parent
+                    .filter(|p| model.state(*p).ok() == Some(State::Removing)),
+            );
         }
         stack.extend(model.children(next).unwrap_or_default());
         stack.extend(all.iter().filter(|o| o.driver == Some(next)).map(|o| o.id));
@@ -677,12 +837,19 @@ fn run_to_quiescence(ops: &[Op]) -> Result<(), TestCaseError> {
     for op in ops {
         run.apply(op)?;
     }
-    // Releasing every reference and finishing every exit leaves nothing pending.
+    // Releasing every reference, the kernel letting go of every device
+    // and finishing every exit leaves nothing pending.
     for r in run.shadow.all_refs.clone() {
-        if run.shadow.live_refs.contains(&r) {
-            run.apply(&Op::Release {
+        if !run.shadow.live_refs.contains(&r) {
+            continue;
+        }
+        match run.shadow.kernel_refs.iter().position(|x| *x == r) {
+            Some(which) => run.apply(&Op::KernelUseEnded {
+                which: which as u16,
+            })?,
+            None => run.apply(&Op::Release {
                 reference: run.shadow.all_refs.iter().position(|x| *x == r).unwrap() as u16,
-            })?;
+            })?,
         }
     }
     while let Some(&id) = run.shadow.exiting.first() {
@@ -779,6 +946,7 @@ fn regression_driver_removal_waiting_on_a_bound_host() {
             force: false,
             dry_run: false,
             timeout: None,
+            detach: false,
         },
     ];
     if let Err(e) = run_to_quiescence(&ops) {

@@ -226,6 +226,29 @@ pub mod remove_options {
     pub const TIMEOUT_SEC: &str = "timeout-sec";
     /// `s`: `revoke` or `cancel`, what to do at the deadline.
     pub const ON_TIMEOUT: &str = "on-timeout";
+    /// `b`: lazily detach every filesystem mounted from the affected set
+    /// (in every mount namespace) and turn its swap off (rule 18).
+    pub const DETACH_MOUNTS: &str = "detach-mounts";
+}
+
+/// The holder names of the kernel's own users of a real device in
+/// `Holders` (DESIGN.md §2 rule 17, §3).
+pub mod kernel_holders {
+    /// A filesystem mounted from the device, in any mount namespace.
+    pub const MOUNT: &str = "kernel:mount";
+    /// Swap on the device.
+    pub const SWAP: &str = "kernel:swap";
+    /// A block device stacked on it (dm, md, bcache, a loop device).
+    pub const STACKED: &str = "kernel:holder";
+    /// A process with the device node open.
+    pub const PROCESS: &str = "kernel:process";
+    /// Every kernel holder name.
+    pub const ALL: [&str; 4] = [MOUNT, SWAP, STACKED, PROCESS];
+
+    /// Whether a holder name is one of the kernel's.
+    pub fn is_kernel(holder: &str) -> bool {
+        holder.starts_with("kernel:")
+    }
 }
 
 /// Name of the simulated SCSI host adapter driver.

@@ -7,4 +7,4 @@ use libfuzzer_sys::fuzz_target;
 
 mod script;
 
-fuzz_target!(|data: &[u8]| script::run(data, false));
+fuzz_target!(|data: &[u8]| script::run(data, false, script::Dialect::Kernel));

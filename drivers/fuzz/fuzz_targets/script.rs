@@ -2,12 +2,30 @@
 //! drivers/tests/fuzz_regressions.rs: any bytes as a sequence of engine
 //! commands (4 bytes each), real-device operations and quotas included;
 //! panics if a command panics or breaks an invariant.
+//!
+//! Two dialects: [`Dialect::Kernel`] (what the fuzz target runs) adds the
+//! kernel's users (rules 17–19: a user appears or goes, a claim finds the
+//! device busy, `detach-mounts`, partitions that go with their disk) in
+//! bytes that [`Dialect::Classic`] reads as before, so every regression
+//! input saved before them still replays the sequence that once failed.
 
 use std::sync::Arc;
 
 use drivers::{
-    AddRequest, Effect, Holder, Kind, Model, ObjectId, OnTimeout, Origin, RefId, RemoveOptions,
+    AddRequest, Effect, Holder, KernelUse, KernelUser, Kind, Model, ObjectId, OnTimeout, Origin,
+    RefId, RemoveOptions,
 };
+
+/// How bytes are read as commands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    /// The commands before the kernel's users existed (regression inputs
+    /// named `engine_commands-*`).
+    Classic,
+    /// Every command, the kernel's users included (inputs named
+    /// `engine_commands-v2-*`).
+    Kernel,
+}
 
 fn pick<T: Copy>(list: &[T], i: u8) -> Option<T> {
     (!list.is_empty()).then(|| list[usize::from(i) % list.len()])
@@ -15,7 +33,8 @@ fn pick<T: Copy>(list: &[T], i: u8) -> Option<T> {
 
 /// Runs `data` as engine commands, checking the invariants after each;
 /// `trace` prints each command and its events.
-pub fn run(data: &[u8], trace: bool) {
+pub fn run(data: &[u8], trace: bool, dialect: Dialect) {
+    let kernel = dialect == Dialect::Kernel;
     let mut m = Model::default();
     m.set_reference_quota(Some(6));
     m.set_added_quota(Some(12));
@@ -32,6 +51,7 @@ pub fn run(data: &[u8], trace: bool) {
         .collect();
     let mut ids: Vec<ObjectId> = Vec::new();
     let mut refs: Vec<RefId> = Vec::new();
+    let mut kernel_refs: Vec<RefId> = Vec::new();
     let mut exiting: Vec<ObjectId> = Vec::new();
     let mut now = 0u64;
     for (n, cmd) in data.chunks_exact(4).take(256).enumerate() {
@@ -58,7 +78,16 @@ pub fn run(data: &[u8], trace: bool) {
                     req.origin = Origin::Udev;
                     req.subsystem = "block".into();
                     req.sys_path = format!("/sys/devices/virtual/block/o{n}");
-                    req.handler = Some(drivers::kernel::LOOP.into());
+                    // A partition: it goes with its disk.
+                    let rides = kernel && a & 1 == 1 && req.parent.is_some();
+                    req.handler = Some(
+                        if rides {
+                            drivers::kernel::WITH_PARENT
+                        } else {
+                            drivers::kernel::LOOP
+                        }
+                        .into(),
+                    );
                 } else {
                     req.added_by = Some(u64::from(b % 3));
                 }
@@ -96,6 +125,7 @@ pub fn run(data: &[u8], trace: bool) {
                                 },
                             )
                         }),
+                        detach_mounts: kernel && c & 16 == 16,
                     };
                     let _ = m.remove(id, options, now);
                 }
@@ -149,14 +179,42 @@ pub fn run(data: &[u8], trace: bool) {
                     let _ = m.set_attributes(id, attributes);
                 }
             }
+            _ if kernel && a % 4 == 1 => {
+                if let Some(id) = pick(&ids, b) {
+                    let user = KernelUser {
+                        kind: KernelUse::ALL[usize::from(c % 4)],
+                        uid: 0,
+                        pid: u32::from(c),
+                        reason: "fuzz".into(),
+                    };
+                    kernel_refs.extend(m.kernel_use_began(id, user, now).ok());
+                }
+            }
+            _ if kernel && a % 4 == 2 => {
+                if let Some(r) = pick(&kernel_refs, b) {
+                    let _ = m.kernel_use_ended(r);
+                }
+            }
+            _ if kernel && a % 4 == 3 => {
+                if let Some(id) = pick(&exiting, b) {
+                    let _ = m.exit_busy(id, "fuzzed claim".to_owned());
+                }
+            }
             _ => {
                 let quota = (c & 1 == 1).then_some(u32::from(b % 8));
                 m.set_reference_quota(quota);
             }
         }
         for effect in m.take_effects() {
-            let Effect::Exit { id, .. } = effect;
-            exiting.push(id);
+            match effect {
+                Effect::Exit { id, .. } => exiting.push(id),
+                // The watcher would see the mounts go and the swap end.
+                Effect::Detach { references, .. } => {
+                    for r in references {
+                        let _ = m.kernel_use_ended(r);
+                    }
+                }
+            }
         }
         let events = m.take_events();
         if trace {
