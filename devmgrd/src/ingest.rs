@@ -62,8 +62,13 @@ enum Item {
 /// long (each batch's signals go out before the next command's reply).
 const MAX_BATCH: usize = 64;
 
-/// Applies events until the reader stops.
-pub async fn run(handle: ModelHandle, mut events: mpsc::UnboundedReceiver<Ingest>) {
+/// Applies events until the reader stops; tells the kernel users watcher
+/// of every block device's event (what is stacked on what may change).
+pub async fn run(
+    handle: ModelHandle,
+    mut events: mpsc::UnboundedReceiver<Ingest>,
+    watcher: Option<crate::users::Handle>,
+) {
     let mut known = Known::default();
     let mut queue = std::collections::VecDeque::new();
     loop {
@@ -80,6 +85,15 @@ pub async fn run(handle: ModelHandle, mut events: mpsc::UnboundedReceiver<Ingest
             }
         }
         let batch: Vec<Item> = queue.drain(..queue.len().min(MAX_BATCH)).collect();
+        let block: Vec<String> = batch
+            .iter()
+            .filter_map(|item| match item {
+                Item::Event(e) if e.subsystem == "block" && e.action != Action::Add => {
+                    Some(e.sys_name.clone())
+                }
+                _ => None,
+            })
+            .collect();
         // The mapping travels with the job and comes back with it: one
         // owner of each, no lock.
         let mut mapping = std::mem::take(&mut known);
@@ -95,6 +109,12 @@ pub async fn run(handle: ModelHandle, mut events: mpsc::UnboundedReceiver<Ingest
         match applied.await {
             Ok(mapping) => known = mapping,
             Err(_) => return, // the owner is gone: shutting down
+        }
+        // (A device's add reaches the watcher with the model's new object.)
+        if let Some(w) = &watcher {
+            for name in block {
+                w.send(crate::users::Command::Uevent { name });
+            }
         }
     }
 }
@@ -320,7 +340,7 @@ fn live(model: &Model, known: &Known, sys_path: &str) -> Option<ObjectId> {
 /// Records that the kernel bound `id` to the driver `name`: a driver object
 /// of that name (added, as udev-origin, the first time it is seen).
 fn bind(model: &mut Model, id: ObjectId, name: &str, sys_path: &str) {
-    let driver = match model.find(Kind::Driver, name) {
+    let driver = match model.find_in(Kind::Driver, proto::Origin::Udev, name) {
         Ok(d) => d,
         Err(_) => {
             let mut request = AddRequest::new(Kind::Driver, name);

@@ -3,6 +3,7 @@
 
 mod authz;
 mod bus;
+mod claim;
 mod cli;
 mod config;
 mod effects;
@@ -18,6 +19,7 @@ mod replay;
 mod service;
 mod store;
 mod uevents;
+mod users;
 
 use std::process::ExitCode;
 
@@ -195,6 +197,9 @@ fn build_model(
 }
 
 async fn run(settings: Settings) -> Result<(), String> {
+    // From the start: a SIGTERM while devmgrd starts up must still shut it
+    // down cleanly (a test once caught the default action killing it).
+    let shutdown = shutdown_signals();
     let (mut owned, store) = build_model(&settings)?;
     // After the restore: the limits are for what clients add from now on.
     let model = &mut owned.model;
@@ -205,7 +210,20 @@ async fn run(settings: Settings) -> Result<(), String> {
         enabled: settings.actuate,
         sysfs_root: settings.sysfs_root.clone(),
     };
-    let (handle, batches) = owner::spawn(owned, actuation);
+    // The kernel's users of real devices are followed whenever real devices
+    // are modelled (rule 17).
+    let (watcher, kernel_updates) = if settings.udev || settings.replay.is_some() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let watcher = users::spawn(settings.sysfs_root.clone(), tx)?;
+        (Some(watcher), Some(rx))
+    } else {
+        (None, None)
+    };
+    owned.kernel = users::Registry::new(watcher.clone());
+    let (handle, batches) = owner::spawn(owned, actuation, watcher.clone());
+    if let Some(updates) = kernel_updates {
+        tokio::spawn(owner::record_kernel_users(handle.clone(), updates));
+    }
     let (batches, state_failed) = match store {
         None => (batches, None),
         Some((store, kept)) => {
@@ -290,7 +308,7 @@ async fn run(settings: Settings) -> Result<(), String> {
             settings.subsystems.clone(),
             tx,
         ));
-        tokio::spawn(ingest::run(handle.clone(), rx));
+        tokio::spawn(ingest::run(handle.clone(), rx, watcher.clone()));
     } else if settings.udev {
         let source = settings.udev_source.unwrap_or_else(uevents::detect_source);
         if source == uevents::Source::Udev && !uevents::udevd_listening() {
@@ -304,7 +322,7 @@ async fn run(settings: Settings) -> Result<(), String> {
             tx,
         )
         .await?;
-        tokio::spawn(ingest::run(handle.clone(), rx));
+        tokio::spawn(ingest::run(handle.clone(), rx, watcher.clone()));
         tracing::info!(
             "modelling {} from {} events",
             settings.subsystems.join(", "),
@@ -316,7 +334,7 @@ async fn run(settings: Settings) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot watch the bus connection: {e}"))?;
     let lost = tokio::select! {
-        () = wait_for_shutdown() => None,
+        () = wait_for_shutdown(shutdown) => None,
         why = async {
             match embedded.as_mut() {
                 Some(bus) => bus.exited().await,
@@ -368,18 +386,30 @@ async fn bus_lost(
     })
 }
 
-async fn wait_for_shutdown() {
+/// SIGTERM and SIGINT, caught from now on.
+fn shutdown_signals() -> Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!("cannot watch SIGTERM: {e}");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(term), Ok(int)) => Some((term, int)),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!("cannot watch SIGTERM and SIGINT: {e}");
+            None
         }
+    }
+}
+
+async fn wait_for_shutdown(
+    signals: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+) {
+    let Some((mut term, mut int)) = signals else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
     };
     tokio::select! {
         _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+        _ = int.recv() => {}
     }
 }

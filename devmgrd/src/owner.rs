@@ -25,6 +25,8 @@ pub struct Owned {
     pub model: Model,
     /// What to keep across restarts, if anything is kept.
     pub tracker: Option<Tracker>,
+    /// The kernel's users of real devices, as references (rule 17).
+    pub kernel: crate::users::Registry,
     /// The next batch describes every object as it stands (for a pump on a
     /// new connection, which has exported nothing yet).
     announce_all: bool,
@@ -36,6 +38,7 @@ impl Owned {
         Owned {
             model,
             tracker,
+            kernel: crate::users::Registry::default(),
             announce_all: false,
         }
     }
@@ -128,11 +131,12 @@ const MAX_JOBS_PER_BATCH: usize = 256;
 pub fn spawn(
     mut owned: Owned,
     actuation: crate::effects::Actuation,
+    watcher: Option<crate::users::Handle>,
 ) -> (ModelHandle, mpsc::UnboundedReceiver<Batch>) {
     let (jobs_tx, mut jobs_rx) = mpsc::unbounded_channel::<Job>();
     let (batch_tx, batch_rx) = mpsc::unbounded_channel();
     let handle = ModelHandle { jobs: jobs_tx };
-    let effects = crate::effects::spawn(handle.downgrade(), actuation);
+    let effects = crate::effects::spawn(handle.downgrade(), actuation, watcher);
     tokio::spawn(async move {
         loop {
             // Sleep until the next command or the next removal deadline
@@ -171,6 +175,7 @@ pub fn spawn(
             let Owned {
                 model,
                 tracker,
+                kernel,
                 announce_all,
             } = &mut owned;
             let mut events = model.take_events();
@@ -180,6 +185,8 @@ pub fn spawn(
                 Some(tracker) => tracker.observe(model, &mut events, now_micros()),
                 None => Vec::new(),
             };
+            // The watcher follows the block devices the model holds.
+            kernel.observe(&events);
             if std::mem::take(announce_all) {
                 // The model as it stands already includes what these events
                 // say; parents come before children (ids only grow).
@@ -191,7 +198,19 @@ pub fn spawn(
             }
             // Driver actions run elsewhere; their completion is a later command.
             for effect in model.take_effects() {
-                let _ = effects.send(effect);
+                let work = match effect {
+                    drivers::Effect::Exit { id, driver, action } => crate::effects::Work::Exit {
+                        id,
+                        driver,
+                        action,
+                        devices: crate::users::nodes_under(model, id),
+                    },
+                    drivers::Effect::Detach { id, references } => crate::effects::Work::Detach {
+                        id,
+                        details: kernel.details(id, &references),
+                    },
+                };
+                let _ = effects.send(work);
             }
             let holders = events
                 .iter()
@@ -221,4 +240,33 @@ pub fn spawn(
         }
     });
     (handle, batch_rx)
+}
+
+/// Records what the kernel users watcher reports (each device's users as
+/// kernel-user references, then a rescan's continuation), in the order it
+/// reported them, as many updates per command as are waiting.
+pub async fn record_kernel_users(
+    handle: ModelHandle,
+    mut updates: mpsc::UnboundedReceiver<crate::users::Update>,
+) {
+    while let Some(first) = updates.recv().await {
+        let mut group = vec![first];
+        while let Ok(more) = updates.try_recv() {
+            group.push(more);
+        }
+        let recorded = handle.call_owned(move |owned| {
+            let now = now_micros();
+            for update in group {
+                for report in update.reports {
+                    owned.kernel.apply(&mut owned.model, report, now);
+                }
+                if let Some(then) = update.then {
+                    then(&mut owned.model);
+                }
+            }
+        });
+        if recorded.await.is_err() {
+            return; // shutting down
+        }
+    }
 }

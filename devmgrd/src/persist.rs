@@ -233,7 +233,7 @@ impl Tracker {
                     continue;
                 }
             };
-            let id = match model.find(record.kind, &record.name) {
+            let id = match model.find_in(record.kind, Origin::Api, &record.name) {
                 Ok(existing) if record.kind == Kind::Driver => existing,
                 _ => {
                     let mut request = AddRequest::new(record.kind, record.name.clone());

@@ -271,7 +271,10 @@ impl ObjectIface {
     ) -> Result<(String, Vec<OwnedObjectPath>), proto::Error> {
         use proto::remove_options as keys;
         let force = flag(&mut options, keys::FORCE)?;
-        let verb = if force {
+        let detach_mounts = flag(&mut options, keys::DETACH_MOUNTS)?;
+        // Taking users away (references or the kernel's mounts) is a
+        // forced removal's right.
+        let verb = if force || detach_mounts {
             Verb::RemoveForce
         } else {
             Verb::Remove
@@ -291,6 +294,7 @@ impl ObjectIface {
             force,
             dry_run,
             timeout: timeout.map(|s| (u64::from(s) * 1_000_000, on_timeout)),
+            detach_mounts,
         };
         let report = self
             .run(move |m, id| m.remove(id, options, now_micros()))

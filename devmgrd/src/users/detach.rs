@@ -1,0 +1,66 @@
+//! `detach-mounts` (rule 18): lazily detaching a mount (as `umount -l`) in
+//! whatever mount namespace it is in, and turning swap off. Processes are
+//! never touched. Each runs on a blocking thread; its effect comes back as
+//! the watcher sees the mount or the swap go, never as an answer here.
+
+use std::path::Path;
+
+use super::Detail;
+
+/// Takes one user away; the error says what the kernel answered.
+pub fn detach(detail: &Detail) -> Result<(), String> {
+    match detail {
+        Detail::Mount {
+            pid: 0,
+            mount_point,
+        } => lazy_unmount(Path::new(mount_point))
+            .map_err(|e| format!("umount -l {mount_point}: {e}")),
+        Detail::Mount { pid, mount_point } => in_namespace_of(*pid, mount_point),
+        Detail::Swap { path } => swap_off(path).map_err(|e| format!("swapoff {path}: {e}")),
+        Detail::Other => Ok(()),
+    }
+}
+
+fn lazy_unmount(path: &Path) -> nix::Result<()> {
+    nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH)
+}
+
+/// Detaches `mount_point` as the process `pid` sees it: on a thread of its
+/// own that leaves the process's shared filesystem context (CLONE_FS), so
+/// that it alone enters `pid`'s mount namespace and root, and then ends.
+fn in_namespace_of(pid: u32, mount_point: &str) -> Result<(), String> {
+    let path = mount_point.to_owned();
+    let done = std::thread::Builder::new()
+        .name("detach-mount".into())
+        .spawn(move || -> Result<(), String> {
+            let ns = std::fs::File::open(format!("/proc/{pid}/ns/mnt"))
+                .map_err(|e| format!("the mount namespace of pid {pid}: {e}"))?;
+            let root = std::fs::File::open(format!("/proc/{pid}/root"))
+                .map_err(|e| format!("the root of pid {pid}: {e}"))?;
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS)
+                .map_err(|e| format!("unshare(CLONE_FS): {e}"))?;
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNS)
+                .map_err(|e| format!("entering the mount namespace of pid {pid}: {e}"))?;
+            // The mount point is as the process sees it: from its root.
+            nix::unistd::fchdir(&root).map_err(|e| format!("fchdir: {e}"))?;
+            nix::unistd::chroot(".").map_err(|e| format!("chroot: {e}"))?;
+            lazy_unmount(Path::new(&path))
+                .map_err(|e| format!("umount -l {path} in the mount namespace of pid {pid}: {e}"))
+        })
+        .map_err(|e| format!("cannot start a thread to detach {mount_point}: {e}"))?;
+    done.join()
+        .unwrap_or_else(|_| Err(format!("detaching {mount_point} failed")))
+}
+
+#[allow(unsafe_code)]
+fn swap_off(path: &str) -> std::io::Result<()> {
+    let path = std::ffi::CString::new(path)?;
+    // SAFETY: swapoff(2) reads a NUL-terminated path that `path` owns for
+    // the duration of the call; it keeps no pointer to it.
+    let rc = unsafe { libc::swapoff(path.as_ptr()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}

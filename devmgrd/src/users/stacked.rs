@@ -1,0 +1,55 @@
+//! Block devices stacked on others, from sysfs (under `--sysfs-root`):
+//! `holders/` lists what holds a device (only dm, md and bcache make such
+//! links), `slaves/` what a stacked device is built on, and a loop device's
+//! `loop/backing_file` the file (or device) behind it. The kernel sends a
+//! uevent of the stacked device when any of it changes, which is when the
+//! watcher reads them again.
+
+use std::path::{Path, PathBuf};
+
+use super::processes::block_device;
+use super::DevNum;
+
+/// `/sys/class/block/<name>` under `root`.
+fn class_block(root: &Path, name: &str) -> PathBuf {
+    root.join("sys/class/block").join(name)
+}
+
+fn entries(dir: PathBuf) -> Vec<String> {
+    let Ok(list) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = list
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+        .collect();
+    names.sort();
+    names
+}
+
+/// What is stacked on `name` (`dm-0`, `md127`).
+pub fn holders_of(root: &Path, name: &str) -> Vec<String> {
+    entries(class_block(root, name).join("holders"))
+}
+
+/// What `name` is built on.
+pub fn slaves_of(root: &Path, name: &str) -> Vec<String> {
+    entries(class_block(root, name).join("slaves"))
+}
+
+/// The device behind loop device `name`, if it is backed by a device node
+/// (a loop device on a file holds that file's filesystem, whose mount is
+/// its device's user already).
+pub fn backing_device(root: &Path, name: &str) -> Option<DevNum> {
+    let file = std::fs::read_to_string(class_block(root, name).join("loop/backing_file")).ok()?;
+    block_device(Path::new(file.trim_end()))
+}
+
+/// How a stacked device reads to people: `dm-0 (vg0-data)` for a
+/// device-mapper device with a name, else its kernel name.
+pub fn describe(root: &Path, holder: &str) -> String {
+    match std::fs::read_to_string(class_block(root, holder).join("dm/name")) {
+        Ok(name) if !name.trim().is_empty() => format!("{holder} ({})", name.trim()),
+        _ => holder.to_owned(),
+    }
+}

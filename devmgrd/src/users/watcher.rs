@@ -1,0 +1,587 @@
+//! The watcher thread: blocked in poll(2) on everything that says a
+//! device's users changed (each mount namespace's mountinfo, /proc/swaps,
+//! fanotify, the process connector, the pidfds of namespaces and holders),
+//! it keeps the tables of who uses what and reports each followed device's
+//! users whenever they differ from what it reported last. While nothing
+//! changes it costs nothing: no timer wakes it (but the bounded re-check of
+//! processes.rs when fanotify is missing).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fs::File;
+use std::io::{Read, Seek};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::Arc;
+use std::time::Instant;
+
+use drivers::{KernelUse, Model, ObjectId};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::cnproc::{ProcConnector, ProcEvent};
+use super::namespaces::Namespaces;
+use super::processes::{block_device, Processes};
+use super::{stacked, swaps, Detail, DevNum, Device, Found, Report, UserKey};
+
+/// Runs on the model once the reports of a rescan are recorded (how a real
+/// action that found its device claimed explains itself: rule 19).
+pub type Then = Box<dyn FnOnce(&mut Model) + Send>;
+
+/// What the watcher is told.
+pub enum Command {
+    /// Follow this block device (it is in the model now).
+    Track(Device),
+    /// It left the model.
+    Untrack(ObjectId),
+    /// The kernel renamed it.
+    Renamed { id: ObjectId, name: String },
+    /// A block device had a uevent: what is stacked on what may have changed.
+    Uevent { name: String },
+    /// Look again at everything about these devices (namespaces not
+    /// followed yet included), report, then run `then` on the model.
+    Rescan { ids: Vec<ObjectId>, then: Then },
+}
+
+/// What the watcher sends to the owner: users to record, and maybe what
+/// to do once they are.
+pub struct Update {
+    /// Devices whose users changed.
+    pub reports: Vec<Report>,
+    /// A rescan's continuation.
+    pub then: Option<Then>,
+}
+
+/// A way to talk to the watcher thread.
+#[derive(Clone)]
+pub struct Handle {
+    commands: Sender<Command>,
+    wake: Arc<EventFd>,
+}
+
+impl Handle {
+    /// Sends a command (dropped if the watcher stopped).
+    pub fn send(&self, command: Command) {
+        if self.commands.send(command).is_ok() {
+            let _ = self.wake.write(1);
+        }
+    }
+}
+
+/// Starts the watcher; its updates arrive on `updates`.
+pub fn spawn(sysfs_root: PathBuf, updates: UnboundedSender<Update>) -> Result<Handle, String> {
+    let wake = Arc::new(
+        EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .map_err(|e| format!("cannot make the kernel users watcher's eventfd: {e}"))?,
+    );
+    let (commands, rx) = std::sync::mpsc::channel();
+    let thread_wake = Arc::clone(&wake);
+    std::thread::Builder::new()
+        .name("kernel-users".into())
+        .spawn(move || Watcher::new(sysfs_root, updates, rx, thread_wake).run())
+        .map_err(|e| format!("cannot start the kernel users watcher: {e}"))?;
+    Ok(Handle { commands, wake })
+}
+
+/// Where a readiness came from.
+enum Source {
+    Wake,
+    Mountinfo(u64),
+    Representative(u64),
+    Swaps,
+    Fanotify,
+    Connector,
+    Holder(u32),
+}
+
+struct Watcher {
+    root: PathBuf,
+    devices: HashMap<ObjectId, Device>,
+    by_dev: HashMap<DevNum, BTreeSet<ObjectId>>,
+    namespaces: Namespaces,
+    swaps: Option<File>,
+    /// Swap areas: path, and the device it is if it is one.
+    swap_areas: Vec<(String, Option<DevNum>)>,
+    /// What `holders/` lists, per followed device.
+    stacked: HashMap<ObjectId, Vec<String>>,
+    /// Loop devices backed by a device node: loop name → that device.
+    backed: HashMap<String, DevNum>,
+    processes: Processes,
+    connector: Option<ProcConnector>,
+    /// Newly followed devices whose holders are found by the next full scan
+    /// (one scan for a whole coldplug).
+    to_scan: HashSet<DevNum>,
+    reported: HashMap<ObjectId, Vec<Found>>,
+    updates: UnboundedSender<Update>,
+    commands: Receiver<Command>,
+    wake: Arc<EventFd>,
+}
+
+/// Keeps a reason within the engine's limits (printable, 1 KiB): a mount
+/// point may hold any byte but `/` and NUL.
+fn printable(text: String) -> String {
+    let mut out: String = text
+        .chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect();
+    let limit = drivers::validate::MAX_REASON_BYTES;
+    if out.len() > limit {
+        let mut end = limit - 3;
+        while !out.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.truncate(end);
+        out.push('…');
+    }
+    out
+}
+
+impl Watcher {
+    fn new(
+        root: PathBuf,
+        updates: UnboundedSender<Update>,
+        commands: Receiver<Command>,
+        wake: Arc<EventFd>,
+    ) -> Watcher {
+        let own = std::process::id();
+        let swaps = match File::open("/proc/swaps") {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::warn!("cannot follow /proc/swaps: {e}");
+                None
+            }
+        };
+        let connector = match ProcConnector::open() {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(
+                    "no process connector ({e}): a mount namespace made after devmgrd started \
+                     is found only when a removal's claim finds its device busy"
+                );
+                None
+            }
+        };
+        let mut watcher = Watcher {
+            root,
+            devices: HashMap::new(),
+            by_dev: HashMap::new(),
+            namespaces: Namespaces::start(own),
+            swaps,
+            swap_areas: Vec::new(),
+            stacked: HashMap::new(),
+            backed: HashMap::new(),
+            processes: Processes::new(own),
+            connector,
+            to_scan: HashSet::new(),
+            reported: HashMap::new(),
+            updates,
+            commands,
+            wake,
+        };
+        watcher.reread_swaps();
+        watcher
+    }
+
+    fn run(mut self) {
+        loop {
+            let timeout = match self.processes.next_recheck() {
+                None => PollTimeout::NONE,
+                Some(at) => {
+                    let ms = at.saturating_duration_since(Instant::now()).as_millis();
+                    PollTimeout::try_from(ms.min(60_000) as u16 as i32 + 1)
+                        .unwrap_or(PollTimeout::NONE)
+                }
+            };
+            let ready = match self.wait(timeout) {
+                Ok(ready) => ready,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    tracing::error!("the kernel users watcher stopped: poll: {e}");
+                    return;
+                }
+            };
+            let mut dirty: HashSet<DevNum> = HashSet::new();
+            let mut dirty_ids: HashSet<ObjectId> = HashSet::new();
+            let mut then = Vec::new();
+            for source in ready {
+                match source {
+                    Source::Wake => {
+                        let _ = self.wake.read();
+                        loop {
+                            match self.commands.try_recv() {
+                                Ok(command) => {
+                                    self.command(command, &mut dirty, &mut dirty_ids, &mut then)
+                                }
+                                Err(TryRecvError::Empty) => break,
+                                Err(TryRecvError::Disconnected) => return,
+                            }
+                        }
+                    }
+                    Source::Mountinfo(ns) => dirty.extend(self.namespaces.reread(ns)),
+                    Source::Representative(ns) => {
+                        dirty.extend(self.namespaces.representative_exited(ns))
+                    }
+                    Source::Swaps => dirty.extend(self.reread_swaps()),
+                    Source::Fanotify => {
+                        let tracked: HashSet<DevNum> = self.by_dev.keys().copied().collect();
+                        dirty.extend(self.processes.on_events(&tracked));
+                    }
+                    Source::Connector => {
+                        let events = self
+                            .connector
+                            .as_ref()
+                            .map(|c| c.events())
+                            .unwrap_or_default();
+                        for event in events {
+                            match event {
+                                ProcEvent::Exec(pid) => {
+                                    dirty.extend(self.namespaces.exec(pid));
+                                    dirty.extend(self.processes.exec(pid));
+                                }
+                                ProcEvent::Fork { parent, child } => {
+                                    dirty.extend(self.processes.forked(parent, child))
+                                }
+                            }
+                        }
+                    }
+                    Source::Holder(pid) => dirty.extend(self.processes.exited(pid)),
+                }
+            }
+            dirty.extend(self.processes.due_rechecks(Instant::now()));
+            if !self.to_scan.is_empty() {
+                let scan = std::mem::take(&mut self.to_scan);
+                dirty.extend(self.processes.full_scan(&scan));
+            }
+            for dev in dirty {
+                dirty_ids.extend(self.by_dev.get(&dev).into_iter().flatten().copied());
+            }
+            self.publish(dirty_ids, then);
+        }
+    }
+
+    /// Polls everything; returns what is ready.
+    fn wait(&self, timeout: PollTimeout) -> nix::Result<Vec<Source>> {
+        let changed = PollFlags::POLLPRI | PollFlags::POLLERR;
+        let readable = PollFlags::POLLIN;
+        let mut wanted: Vec<(Source, BorrowedFd<'_>, PollFlags)> =
+            vec![(Source::Wake, self.wake.as_fd(), readable)];
+        for (ns, mountinfo, pidfd) in self.namespaces.poll_fds() {
+            wanted.push((Source::Mountinfo(ns), mountinfo, changed));
+            if let Some(pidfd) = pidfd {
+                wanted.push((Source::Representative(ns), pidfd, readable));
+            }
+        }
+        if let Some(swaps) = &self.swaps {
+            wanted.push((Source::Swaps, swaps.as_fd(), changed));
+        }
+        let (fanotify, holders) = self.processes.poll_fds();
+        if let Some(f) = fanotify {
+            wanted.push((Source::Fanotify, f, readable));
+        }
+        for (pid, fd) in holders {
+            wanted.push((Source::Holder(pid), fd, readable));
+        }
+        if let Some(c) = &self.connector {
+            wanted.push((Source::Connector, c.fd(), readable));
+        }
+        let (sources, mut fds): (Vec<Source>, Vec<PollFd<'_>>) = wanted
+            .into_iter()
+            .map(|(s, fd, flags)| (s, PollFd::new(fd, flags)))
+            .unzip();
+        poll(&mut fds, timeout)?;
+        Ok(sources
+            .into_iter()
+            .zip(fds)
+            .filter(|(_, fd)| fd.revents().is_some_and(|r| !r.is_empty()))
+            .map(|(s, _)| s)
+            .collect())
+    }
+
+    fn command(
+        &mut self,
+        command: Command,
+        dirty: &mut HashSet<DevNum>,
+        dirty_ids: &mut HashSet<ObjectId>,
+        then: &mut Vec<Then>,
+    ) {
+        match command {
+            Command::Track(device) => {
+                let id = device.id;
+                self.processes.watch_node(&device.node);
+                self.to_scan.insert(device.dev);
+                self.by_dev.entry(device.dev).or_default().insert(id);
+                self.stacked
+                    .insert(id, stacked::holders_of(&self.root, &device.name));
+                let name = device.name.clone();
+                self.devices.insert(id, device);
+                dirty_ids.insert(id);
+                self.restack(&name, dirty_ids);
+            }
+            Command::Untrack(id) => {
+                let Some(device) = self.devices.remove(&id) else {
+                    return;
+                };
+                if let Some(ids) = self.by_dev.get_mut(&device.dev) {
+                    ids.remove(&id);
+                    if ids.is_empty() {
+                        self.by_dev.remove(&device.dev);
+                        self.processes.unwatch_node(&device.node);
+                        self.processes.forget(device.dev);
+                    }
+                }
+                self.stacked.remove(&id);
+                self.reported.remove(&id);
+                let name = device.name;
+                if let Some(dev) = self.backed.remove(&name) {
+                    dirty.insert(dev);
+                }
+            }
+            Command::Renamed { id, name } => {
+                if let Some(device) = self.devices.get_mut(&id) {
+                    self.processes.unwatch_node(&device.node);
+                    device.node = PathBuf::from("/dev").join(&name);
+                    device.name = name;
+                    self.processes.watch_node(&device.node);
+                }
+            }
+            Command::Uevent { name } => self.restack(&name, dirty_ids),
+            Command::Rescan { ids, then: after } => {
+                dirty.extend(self.namespaces.discover_all());
+                dirty.extend(self.namespaces.reread_all());
+                dirty.extend(self.reread_swaps());
+                let mut devs = HashSet::new();
+                for id in &ids {
+                    if let Some(d) = self.devices.get(id) {
+                        devs.insert(d.dev);
+                        let name = d.name.clone();
+                        self.stacked
+                            .insert(*id, stacked::holders_of(&self.root, &name));
+                    }
+                    dirty_ids.insert(*id);
+                }
+                dirty.extend(self.processes.full_scan(&devs));
+                then.push(after);
+            }
+        }
+    }
+
+    /// Device `name` had a uevent (or appeared): re-reads what is stacked on
+    /// it, on what it is stacked, and what a loop device is backed by.
+    fn restack(&mut self, name: &str, dirty_ids: &mut HashSet<ObjectId>) {
+        let mut names: BTreeSet<String> =
+            stacked::slaves_of(&self.root, name).into_iter().collect();
+        names.insert(name.to_owned());
+        // Devices that listed it: the link goes when it is torn down.
+        for (id, holders) in &self.stacked {
+            if holders.iter().any(|h| h == name) {
+                if let Some(d) = self.devices.get(id) {
+                    names.insert(d.name.clone());
+                }
+            }
+        }
+        let ids: Vec<ObjectId> = self
+            .devices
+            .iter()
+            .filter(|(_, d)| names.contains(&d.name))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            let name = self.devices[&id].name.clone();
+            let now = stacked::holders_of(&self.root, &name);
+            if self.stacked.get(&id) != Some(&now) {
+                self.stacked.insert(id, now);
+                dirty_ids.insert(id);
+            }
+        }
+        if name.starts_with("loop") {
+            let now = stacked::backing_device(&self.root, name);
+            let before = match now {
+                Some(dev) => self.backed.insert(name.to_owned(), dev),
+                None => self.backed.remove(name),
+            };
+            if before != now {
+                for dev in [before, now].into_iter().flatten() {
+                    dirty_ids.extend(self.by_dev.get(&dev).into_iter().flatten().copied());
+                }
+            }
+        }
+    }
+
+    /// Reads /proc/swaps again; returns the devices whose swap changed.
+    fn reread_swaps(&mut self) -> HashSet<DevNum> {
+        let Some(file) = &mut self.swaps else {
+            return HashSet::new();
+        };
+        let mut text = String::new();
+        if file
+            .rewind()
+            .and_then(|()| file.read_to_string(&mut text))
+            .is_err()
+        {
+            return HashSet::new();
+        }
+        let areas: Vec<(String, Option<DevNum>)> = swaps::parse(&text)
+            .into_iter()
+            .map(|path| {
+                let dev = block_device(std::path::Path::new(&path));
+                (path, dev)
+            })
+            .collect();
+        let devs = |a: &[(String, Option<DevNum>)]| -> HashSet<(String, DevNum)> {
+            a.iter()
+                .filter_map(|(p, d)| d.map(|d| (p.clone(), d)))
+                .collect()
+        };
+        let changed = devs(&self.swap_areas)
+            .symmetric_difference(&devs(&areas))
+            .map(|(_, d)| *d)
+            .collect();
+        self.swap_areas = areas;
+        changed
+    }
+
+    /// Every user of device `id` now.
+    fn users_of(&self, id: ObjectId) -> Vec<Found> {
+        let Some(device) = self.devices.get(&id) else {
+            return Vec::new();
+        };
+        let dev = device.dev;
+        let mut users = Vec::new();
+        let primary = self.namespaces.primary;
+        let copies = self.namespaces.primary_groups(dev);
+        let mut namespaces: Vec<(&u64, &super::namespaces::Namespace)> =
+            self.namespaces.list.iter().collect();
+        namespaces.sort_by_key(|(ns, n)| (**ns != primary, n.rep));
+        for (&ns, n) in namespaces {
+            let followed_primary = self.namespaces.list.contains_key(&primary);
+            let machines = ns == primary || (!followed_primary && ns == self.namespaces.own);
+            for (m, _) in n.mounts.iter().filter(|(_, d)| *d == dev) {
+                // A copy that follows the machine's own mount (a slave of
+                // its peer group, as a sandboxed service's view) is that mount.
+                if !machines && m.master.is_some_and(|g| copies.contains(&g)) {
+                    continue;
+                }
+                let (uid, pid, whose) = if machines {
+                    (0, 0, String::new())
+                } else {
+                    (
+                        n.uid,
+                        n.rep,
+                        format!(" in the mount namespace of {} (pid {})", n.comm, n.rep),
+                    )
+                };
+                let reason = printable(format!(
+                    "mounted at {} ({}){whose}",
+                    m.mount_point, m.fstype
+                ));
+                let via = if ns == self.namespaces.own { 0 } else { n.rep };
+                users.push(Found::new(
+                    UserKey::Mount { ns, mount: m.id },
+                    KernelUse::Mount,
+                    uid,
+                    pid,
+                    reason,
+                    Detail::Mount {
+                        pid: via,
+                        mount_point: m.mount_point.clone(),
+                    },
+                ));
+            }
+        }
+        for (path, _) in self.swap_areas.iter().filter(|(_, d)| *d == Some(dev)) {
+            users.push(Found::new(
+                UserKey::Swap { path: path.clone() },
+                KernelUse::Swap,
+                0,
+                0,
+                "swap".into(),
+                Detail::Swap { path: path.clone() },
+            ));
+        }
+        let loops = self
+            .backed
+            .iter()
+            .filter(|(_, d)| **d == dev)
+            .map(|(name, _)| name.clone());
+        let holders: BTreeSet<String> = self
+            .stacked
+            .get(&id)
+            .into_iter()
+            .flatten()
+            .cloned()
+            .chain(loops)
+            .collect();
+        for holder in holders {
+            let reason = printable(format!(
+                "held by {}",
+                stacked::describe(&self.root, &holder)
+            ));
+            users.push(Found::new(
+                UserKey::Stacked { holder },
+                KernelUse::Stacked,
+                0,
+                0,
+                reason,
+                Detail::Other,
+            ));
+        }
+        for (pid, info) in self.processes.holders(dev) {
+            users.push(Found::new(
+                UserKey::Process {
+                    pid,
+                    program: info.comm.clone(),
+                },
+                KernelUse::Process,
+                info.uid,
+                pid,
+                printable(format!("open by {} (pid {pid})", info.comm)),
+                Detail::Other,
+            ));
+        }
+        users
+    }
+
+    /// Reports the devices whose users differ from what was reported.
+    fn publish(&mut self, ids: HashSet<ObjectId>, then: Vec<Then>) {
+        let mut reports = Vec::new();
+        let mut ids: Vec<ObjectId> = ids.into_iter().collect();
+        ids.sort();
+        for id in ids {
+            if !self.devices.contains_key(&id) {
+                continue;
+            }
+            let users = self.users_of(id);
+            if self
+                .reported
+                .get(&id)
+                .map_or(users.is_empty(), |r| *r == users)
+            {
+                continue;
+            }
+            self.reported.insert(id, users.clone());
+            reports.push(Report { id, users });
+        }
+        if reports.is_empty() && then.is_empty() {
+            return;
+        }
+        let mut then = then.into_iter();
+        let first = then.next();
+        let _ = self.updates.send(Update {
+            reports,
+            then: first,
+        });
+        for more in then {
+            let _ = self.updates.send(Update {
+                reports: Vec::new(),
+                then: Some(more),
+            });
+        }
+    }
+}
