@@ -103,6 +103,8 @@ struct RemoveReport {
 enum WaitEnd {
     Removed,
     Cancelled,
+    /// It stopped (its driver failed, or someone stopped it).
+    Failed,
     TimedOut,
     Interrupted,
 }
@@ -117,6 +119,9 @@ pub async fn remove(conn: &Connection, args: RemoveArgs, json: bool) -> Outcome 
     }
     if args.dry_run {
         options.insert(proto::remove_options::DRY_RUN, Variant::from(true));
+    }
+    if args.detach_mounts {
+        options.insert(proto::remove_options::DETACH_MOUNTS, Variant::from(true));
     }
     if let Some(t) = args.timeout {
         options.insert(proto::remove_options::TIMEOUT_SEC, Variant::from(t));
@@ -155,7 +160,7 @@ pub async fn remove(conn: &Connection, args: RemoveArgs, json: bool) -> Outcome 
         waited: None,
     };
     if !json {
-        print_outcome(&report)?;
+        print_outcome(&report, before.origin == "udev")?;
     }
     let mut result = Ok(());
     if let (Some(signals), "pending") = (signals, outcome.as_str()) {
@@ -165,6 +170,18 @@ pub async fn remove(conn: &Connection, args: RemoveArgs, json: bool) -> Outcome 
         let label = &report.label;
         let (word, outcome) = match end {
             WaitEnd::Removed => ("removed", Ok(())),
+            WaitEnd::Failed => {
+                let error = model::read_object(conn, &path)
+                    .await
+                    .map(|o| o.last_error)
+                    .unwrap_or_default();
+                let why = if error.is_empty() {
+                    format!("the removal of {label} was called off: it is stopped")
+                } else {
+                    format!("the removal of {label} failed: {error}; it is stopped")
+                };
+                ("failed", Err(Failure::Failed(why)))
+            }
             WaitEnd::Cancelled => (
                 "cancelled",
                 Err(Failure::Failed(format!(
@@ -197,15 +214,36 @@ pub async fn remove(conn: &Connection, args: RemoveArgs, json: bool) -> Outcome 
     result
 }
 
-fn print_outcome(report: &RemoveReport) -> Outcome {
+fn print_outcome(report: &RemoveReport, real: bool) -> Outcome {
     let label = &report.label;
     let would = if report.dry_run { "would be " } else { "" };
     if report.outcome != "pending" {
         outln!("{label}: {would}removed");
         return Ok(());
     }
+    // What the removal waits for: holders, or a driver that failed. Objects
+    // that only wait on their children, or go with their parent, say nothing.
+    let waits: Vec<&ObjectInfo> = report
+        .pending
+        .iter()
+        .filter(|o| !o.holders.is_empty() || (!o.last_error.is_empty() && o.state == "stopped"))
+        .collect();
+    if waits.is_empty() {
+        let who = if real {
+            "the kernel removes the device"
+        } else {
+            "its driver lets go of it"
+        };
+        let when = if report.dry_run {
+            "would be"
+        } else {
+            "is being"
+        };
+        outln!("{label}: {when} removed: nothing holds it; {who}");
+        return Ok(());
+    }
     outln!("{label}: {would}disabled, removal pending; it waits for:");
-    for o in &report.pending {
+    for o in waits {
         outln!(
             "  {} ({}, {} reference{})",
             o.label(),
@@ -270,8 +308,10 @@ async fn wait_for_removal(
                                 .get("State")
                                 .and_then(|v| v.try_clone().ok())
                                 .and_then(|v| String::try_from(v).ok());
-                            if state.as_deref() == Some("live") {
-                                return Ok(WaitEnd::Cancelled);
+                            match state.as_deref() {
+                                Some("live") => return Ok(WaitEnd::Cancelled),
+                                Some("stopped") => return Ok(WaitEnd::Failed),
+                                _ => {}
                             }
                         }
                     }

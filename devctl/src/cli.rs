@@ -19,7 +19,9 @@ bus's address file (/run/devmgr/bus as root, $XDG_RUNTIME_DIR/devmgr/bus
 otherwise), else on the system bus, else on the session bus.
 
 OBJ is an object path, an id, KIND/NAME (e.g. host/host0), or a name that is
-unique across kinds.";
+unique across kinds. The machine's devices and those clients add have
+separate names: udev:NAME or api:NAME says which (a plain name is the
+client's, if a client added one).";
 
 /// devctl: the administrator's tool for devmgrd, the hotplug device manager.
 #[derive(Parser, Debug)]
@@ -132,9 +134,15 @@ pub enum AddCommand {
 pub struct RemoveArgs {
     /// The object.
     pub obj: String,
-    /// Revoke every reference in the way and remove at once.
+    /// Revoke every reference in the way and remove at once. The kernel's
+    /// users (mounts, swap, processes) stay: the removal waits for them.
     #[arg(long)]
     pub force: bool,
+    /// Also lazily unmount every filesystem on it, in every mount
+    /// namespace (as umount -l), and turn its swap off, then wait for the
+    /// kernel to let go. Processes are never killed.
+    #[arg(long)]
+    pub detach_mounts: bool,
     /// Say what would happen; change nothing.
     #[arg(long)]
     pub dry_run: bool,

@@ -126,6 +126,9 @@ impl ObjectInfo {
 pub struct Snapshot {
     pub objects: BTreeMap<u64, ObjectInfo>,
     by_path: HashMap<String, u64>,
+    /// Kind and name shared by one of the machine's devices and an object
+    /// a client added: such names are shown with their scope.
+    shared_names: std::collections::HashSet<(String, String)>,
 }
 
 impl Snapshot {
@@ -155,7 +158,37 @@ impl Snapshot {
 
     pub fn from_objects(objects: BTreeMap<u64, ObjectInfo>) -> Snapshot {
         let by_path = objects.values().map(|o| (o.path.clone(), o.id)).collect();
-        Snapshot { objects, by_path }
+        let mut scopes: HashMap<(String, String), std::collections::HashSet<&str>> = HashMap::new();
+        for o in objects.values().filter(|o| o.state != "gone") {
+            scopes
+                .entry((o.kind.clone(), o.name.clone()))
+                .or_default()
+                .insert(&o.origin);
+        }
+        let shared_names = scopes
+            .into_iter()
+            .filter(|(_, origins)| origins.len() > 1)
+            .map(|(k, _)| k)
+            .collect();
+        Snapshot {
+            objects,
+            by_path,
+            shared_names,
+        }
+    }
+
+    /// How an object's name reads: `udev:host0` / `api:host0` when the
+    /// machine and a client both have that name (what `devctl` accepts
+    /// back), else the plain name.
+    pub fn display_name(&self, o: &ObjectInfo) -> String {
+        if self
+            .shared_names
+            .contains(&(o.kind.clone(), o.name.clone()))
+        {
+            format!("{}:{}", o.origin, o.name)
+        } else {
+            o.name.clone()
+        }
     }
 
     /// The object at `path`, if the snapshot has it.

@@ -83,12 +83,16 @@ impl Monitor {
             return Ok(());
         }
         let human = format!(
-            "{} refs={}{}",
+            "{} refs={}{}{}",
             render::state(&o.state, 0),
             o.ref_count,
             match render::state_mark(o) {
                 "" => String::new(),
                 mark => format!(" {mark}"),
+            },
+            match render::holders_brief(&o.holders) {
+                b if b.is_empty() => String::new(),
+                b => format!(" held: {b}"),
             }
         );
         let mut data = serde_json::to_value(o).unwrap_or(json!({}));
@@ -142,7 +146,7 @@ impl Monitor {
                         "State" => (render::state(&info.state, 0), json!(info.state)),
                         "RefCount" => (info.ref_count.to_string(), json!(info.ref_count)),
                         "Holders" => (
-                            format!("{} holder(s)", info.holders.len()),
+                            format!("[{}]", render::holders_brief(&info.holders)),
                             serde_json::to_value(&info.holders).unwrap_or(Value::Null),
                         ),
                         "Driver" => {

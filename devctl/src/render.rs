@@ -88,7 +88,7 @@ pub fn list(snapshot: &Snapshot) -> String {
         rows.push(vec![
             o.id.to_string(),
             o.kind.clone(),
-            o.name.clone(),
+            snapshot.display_name(o),
             o.state.clone(),
             snapshot.name_of(o.driver.as_deref()),
             snapshot.label_of(o.parent.as_deref()),
@@ -122,13 +122,18 @@ pub fn tree(snapshot: &Snapshot) -> String {
         snapshot: &Snapshot,
         rows: &mut Vec<Vec<String>>,
     ) {
+        let notes = [state_mark(o).to_owned(), holders_brief(&o.holders)]
+            .into_iter()
+            .filter(|n| !n.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ");
         rows.push(vec![
-            format!("{prefix}{branch}{}", o.name),
+            format!("{prefix}{branch}{}", snapshot.display_name(o)),
             o.kind.clone(),
             o.state.clone(),
             snapshot.name_of(o.driver.as_deref()),
             o.ref_count.to_string(),
-            state_mark(o).to_owned(),
+            notes,
         ]);
         let below = children.get(o.path.as_str()).map_or(&[][..], Vec::as_slice);
         let prefix = match branch {
@@ -176,7 +181,11 @@ pub fn holders(holders: &[HolderInfo]) -> String {
             h.reference.to_string(),
             h.bus_name.clone(),
             h.pid.to_string(),
-            h.process.clone().unwrap_or_else(|| "?".into()),
+            match (&h.process, h.pid) {
+                (Some(p), _) => p.clone(),
+                (None, 0) => "-".into(),
+                (None, _) => "?".into(),
+            },
             h.uid.to_string(),
             age(h.age_sec),
             h.reason.clone(),
@@ -185,8 +194,31 @@ pub fn holders(holders: &[HolderInfo]) -> String {
     table(&rows, None)
 }
 
-/// One holder in a sentence, for `remove`'s pending report.
+/// One holder in a sentence, for `remove`'s pending report: a client's
+/// reference with its words, a kernel user as what it is ("mounted at /srv
+/// (ext4)", "open by postgres (pid 812, uid 105)").
 pub fn holder_sentence(h: &HolderInfo) -> String {
+    let age = age(h.age_sec);
+    match h.bus_name.as_str() {
+        proto::kernel_holders::PROCESS => {
+            let program = h.process.clone().unwrap_or_else(|| {
+                // "open by NAME (pid N)", from when it was found.
+                h.reason
+                    .strip_prefix("open by ")
+                    .and_then(|r| r.rsplit_once(" (pid "))
+                    .map_or_else(|| "?".to_owned(), |(name, _)| name.to_owned())
+            });
+            return format!(
+                "open by {program} (pid {}, uid {}), for {age}",
+                h.pid, h.uid
+            );
+        }
+        proto::kernel_holders::SWAP => return format!("swap is on it, for {age}"),
+        name if proto::kernel_holders::is_kernel(name) => {
+            return format!("{}, for {age}", h.reason)
+        }
+        _ => {}
+    }
     format!(
         "held by {} (pid {}{}, uid {}) for {}: {:?}",
         h.bus_name,
@@ -196,9 +228,31 @@ pub fn holder_sentence(h: &HolderInfo) -> String {
             .map(|p| format!(" {p}"))
             .unwrap_or_default(),
         h.uid,
-        age(h.age_sec),
+        age,
         h.reason
     )
+}
+
+/// The holders in a few words, for the tree: what the kernel's users are,
+/// and a client's reason with who gave it.
+pub fn holders_brief(holders: &[HolderInfo]) -> String {
+    const SHOWN: usize = 2;
+    let mut parts: Vec<String> = holders
+        .iter()
+        .take(SHOWN)
+        .map(|h| {
+            if proto::kernel_holders::is_kernel(&h.bus_name) {
+                h.reason.clone()
+            } else {
+                let who = h.process.clone().unwrap_or_else(|| h.bus_name.clone());
+                format!("{:?} ({who})", h.reason)
+            }
+        })
+        .collect();
+    if holders.len() > SHOWN {
+        parts.push(format!("{} more", holders.len() - SHOWN));
+    }
+    parts.join("; ")
 }
 
 /// `devctl show OBJ`.
