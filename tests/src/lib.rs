@@ -17,6 +17,7 @@ use zbus::{MatchRule, MessageStream, ObjectPath, OwnedObjectPath, OwnedVariant, 
 
 pub use proto::{MANAGER_INTERFACE as MANAGER, OBJECT_INTERFACE as OBJECT};
 
+pub mod disks;
 pub mod system_bus;
 
 /// A directory removed when dropped.
@@ -89,6 +90,18 @@ where
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     None
+}
+
+/// Waits (up to 10 s) for `cond`; panics with `what` otherwise.
+pub async fn eventually<F, Fut>(what: &str, cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    assert!(
+        within(Duration::from_secs(10), cond).await.is_some(),
+        "timed out waiting for {what}"
+    );
 }
 
 /// A workspace binary (`devmgrd`, `devctl`): `$DEVMGR_BIN_DIR/<name>`, else
@@ -614,6 +627,25 @@ impl Client {
     /// Whether the object still exists.
     pub async fn exists(&self, path: &OwnedObjectPath) -> bool {
         self.state(path).await.is_some()
+    }
+
+    /// The device named `name`, if there is one.
+    pub async fn device(&self, name: &str) -> Option<OwnedObjectPath> {
+        self.manager.find_object("device", name).await.ok()
+    }
+
+    /// Waits (up to 10 s) for device `name` on the bus; its object path.
+    pub async fn appears(&self, name: &str) -> OwnedObjectPath {
+        eventually(&format!("{name} on the bus"), || async {
+            self.device(name).await.is_some()
+        })
+        .await;
+        self.device(name).await.expect("a device that appeared")
+    }
+
+    /// The object's `Holders` (empty if it is gone).
+    pub async fn holders(&self, path: &OwnedObjectPath) -> Vec<proto::HolderTuple> {
+        self.object(path).await.holders().await.unwrap_or_default()
     }
 }
 

@@ -146,11 +146,14 @@ fn removing_a_scsi_lun_deletes_it_through_sysfs_and_waits_for_the_kernel() {
         "devmgrd to write 1 to the LUN's delete",
     );
     assert_eq!(state(&bus, &lun_id).as_deref(), Some("removing"));
-    assert_eq!(state(&bus, "sdb"), None, "its disk goes with it");
+    // Its disk goes with it, when the kernel removes it (rule 20: never
+    // dropped from the model while the kernel has it).
+    assert_eq!(state(&bus, "sdb").as_deref(), Some("removing"));
 
-    // The kernel confirms: the LUN leaves the model.
+    // The kernel confirms: the disk, then the LUN leave the model.
     feed(&mut events, LUN_REMOVED);
     wait_for(|| state(&bus, &lun_id).is_none(), "the LUN to be removed");
+    assert_eq!(state(&bus, "sdb"), None);
     assert_eq!(state(&bus, "0:0:0:0").as_deref(), Some("live"));
 }
 

@@ -1,0 +1,364 @@
+//! The kernel's own users of real disks (DESIGN.md §2 rules 17–19), with
+//! real loop devices, ext4, swap, partitions, mounts in this and another
+//! mount namespace, and processes holding a node open: each is a holder
+//! named in `Holders` and by devctl, a removal waits for it and completes
+//! by itself when it goes, force never unmounts and detach-mounts does,
+//! and devmgrd itself never keeps a disk busy.
+//!
+//! These need root, /dev/loop-control, mkfs.ext4, mkswap, partx and
+//! unshare; they fail, never skip, without them. They run one at a time
+//! (`disks::exclusive`): a mount namespace made by one would copy another's
+//! mounts and hold its disk.
+
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use devmgr_tests::disks::{self, LoopDisk};
+use devmgr_tests::*;
+use zbus::OwnedObjectPath;
+
+/// A private bus, devmgrd modelling block devices from kernel events, and
+/// a client.
+async fn watching(extra: &[&str]) -> (TestBus, Daemon, Client) {
+    let bus = TestBus::start();
+    let mut args = vec!["--udev-source", "kernel", "--subsystems", "block"];
+    args.extend_from_slice(extra);
+    let daemon = Daemon::start_with_args(&bus, &args);
+    let client = Client::connect(&bus.address).await;
+    (bus, daemon, client)
+}
+
+/// Waits until `path`'s holders include one by `holder` whose reason
+/// contains `text`; returns that holder.
+async fn held_by(
+    client: &Client,
+    path: &OwnedObjectPath,
+    holder: &str,
+    text: &str,
+) -> proto::HolderTuple {
+    eventually(&format!("a {holder} holder saying {text:?}"), || async {
+        client
+            .holders(path)
+            .await
+            .iter()
+            .any(|h| h.1 == holder && h.4.contains(text))
+    })
+    .await;
+    client
+        .holders(path)
+        .await
+        .into_iter()
+        .find(|h| h.1 == holder && h.4.contains(text))
+        .expect("the holder")
+}
+
+/// `devctl remove OBJ [args]`: its stdout, which must say pending.
+fn remove_pending(bus: &TestBus, obj: &str, args: &[&str]) -> String {
+    let mut all = vec!["remove", obj];
+    all.extend_from_slice(args);
+    let out = devctl(bus, &all);
+    let text = stdout(&out);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("removal pending"), "{text}");
+    text
+}
+
+/// Waits for the object to leave the model, then for the real device to
+/// go; returns how long each wait took.
+async fn removed_for_real(
+    client: &Client,
+    path: &OwnedObjectPath,
+    disk: &LoopDisk,
+) -> (Duration, Duration) {
+    let limit = Duration::from_secs(10);
+    let object = within(limit, || async { !client.exists(path).await })
+        .await
+        .unwrap_or_else(|| panic!("{} is still in the model", disk.name()));
+    let real = within(limit, || async { !disk.sys_block().exists() })
+        .await
+        .unwrap_or_else(|| panic!("{} is still in sysfs", disk.sys_block().display()));
+    (object, real)
+}
+
+/// The files devmgrd has open, as their links read.
+fn open_by_devmgrd(daemon: &Daemon) -> Vec<String> {
+    let dir = format!("/proc/{}/fd", daemon.child.id());
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .map(|l| l.to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Rule 17 with a mounted ext4: the removal waits for the mount, which is
+/// named in Holders, by devctl and its dry run; the filesystem is untouched;
+/// the unmount completes the removal, for real.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mounted_loop_device_waits_for_its_unmount_then_goes() {
+    let _one = disks::exclusive();
+    let (bus, daemon, client) = watching(&[]).await;
+    let mut disk = LoopDisk::create("mounted", 64);
+    disk.mkfs(&disk.node());
+    let at = disk.mount_point("srv");
+    disk.mount(&disk.node(), &at);
+    std::fs::write(at.join("data"), "kept").expect("a file on the filesystem");
+    let path = client.appears(&disk.name()).await;
+    let reason = format!("mounted at {} (ext4)", at.display());
+    let holder = held_by(&client, &path, "kernel:mount", &reason).await;
+    assert_eq!((holder.2, holder.3), (0, 0), "a mount has no process");
+    assert_eq!(client.ref_count(&path).await, Some(1));
+
+    let dry = stdout(&devctl(&bus, &["remove", &disk.name(), "--dry-run"]));
+    assert!(dry.contains("would be disabled, removal pending"), "{dry}");
+    assert!(dry.contains(&reason), "{dry}");
+    let text = remove_pending(&bus, &disk.name(), &[]);
+    assert!(text.contains(&reason), "{text}");
+    assert_eq!(client.state(&path).await.as_deref(), Some("removing"));
+    let show = stdout(&devctl(&bus, &["show", &disk.name()]));
+    assert!(
+        show.contains("kernel:mount") && show.contains(&reason),
+        "{show}"
+    );
+    let tree = stdout(&devctl(&bus, &["tree"]));
+    assert!(tree.contains(&reason), "{tree}");
+
+    // Nothing real happened meanwhile: the filesystem is there and usable.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(LoopDisk::is_mounted(&at));
+    assert_eq!(
+        std::fs::read_to_string(at.join("data")).expect("read"),
+        "kept"
+    );
+    assert!(disk.sys_block().exists());
+    // The watcher holds no node of the disk open.
+    let node = disk.node().to_string_lossy().into_owned();
+    assert!(!open_by_devmgrd(&daemon).contains(&node));
+
+    disk.umount(&at);
+    let (object, real) = removed_for_real(&client, &path, &disk).await;
+    eprintln!("umount -> object removed in {object:?}, /sys/block entry gone in {real:?}");
+    assert!(real < Duration::from_secs(2), "{real:?}");
+}
+
+/// A process with the node open (`sleep 600 < /dev/loopN`) is a holder,
+/// named with its pid and program; its exit completes the removal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_holding_the_node_is_named_and_its_exit_completes_the_removal() {
+    let _one = disks::exclusive();
+    let (bus, _daemon, client) = watching(&[]).await;
+    let disk = LoopDisk::create("process", 4);
+    let path = client.appears(&disk.name()).await;
+    let mut sleeper = Command::new("sh")
+        .arg("-c")
+        .arg(format!("exec sleep 600 < {}", disk.node().display()))
+        .spawn()
+        .expect("sleep");
+    let pid = sleeper.id();
+    let reason = format!("open by sleep (pid {pid})");
+    let holder = held_by(&client, &path, "kernel:process", &reason).await;
+    assert_eq!(holder.3, pid);
+    assert_eq!(holder.2, 0, "root's uid");
+
+    let text = remove_pending(&bus, &disk.name(), &[]);
+    assert!(
+        text.contains(&format!("open by sleep (pid {pid}, uid 0)")),
+        "{text}"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        disk.sys_block().exists(),
+        "nothing real happens while it is open"
+    );
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    let (object, real) = removed_for_real(&client, &path, &disk).await;
+    eprintln!("holder killed -> object removed in {object:?}, device gone in {real:?}");
+}
+
+/// Swap on a loop device holds it until swapoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swap_holds_a_loop_device_until_swapoff() {
+    let _one = disks::exclusive();
+    let (bus, _daemon, client) = watching(&[]).await;
+    let mut disk = LoopDisk::create("swap", 16);
+    disk.swapon(&disk.node());
+    let path = client.appears(&disk.name()).await;
+    held_by(&client, &path, "kernel:swap", "swap").await;
+    let text = remove_pending(&bus, &disk.name(), &[]);
+    assert!(text.contains("swap is on it"), "{text}");
+    disk.swapoff(&disk.node());
+    removed_for_real(&client, &path, &disk).await;
+}
+
+/// A mount that exists only in another mount namespace (`unshare -m`, as a
+/// container's) holds the disk, named with that namespace's process; when
+/// its last process exits the namespace is gone and so is the disk —
+/// devmgrd keeps nothing of the namespace open that would keep it alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mount_in_another_mount_namespace_holds_the_disk() {
+    let _one = disks::exclusive();
+    let (bus, daemon, client) = watching(&[]).await;
+    let disk = LoopDisk::create("namespace", 64);
+    disk.mkfs(&disk.node());
+    let at = disk.mount_point("inside");
+    let path = client.appears(&disk.name()).await;
+    let mut inside: Child = Command::new("unshare")
+        .args(["-m", "sh", "-c"])
+        .arg(format!(
+            "mount {} {} && exec sleep 600",
+            disk.node().display(),
+            at.display()
+        ))
+        .spawn()
+        .expect("unshare (package util-linux)");
+    let pid = inside.id();
+    let holder = held_by(
+        &client,
+        &path,
+        "kernel:mount",
+        &format!(
+            "mounted at {} (ext4) in the mount namespace of",
+            at.display()
+        ),
+    )
+    .await;
+    assert_eq!(holder.3, pid, "{holder:?}");
+    assert!(!LoopDisk::is_mounted(&at), "not mounted in our namespace");
+    let text = remove_pending(&bus, &disk.name(), &[]);
+    assert!(text.contains("in the mount namespace of"), "{text}");
+    let _ = inside.kill();
+    let _ = inside.wait();
+    removed_for_real(&client, &path, &disk).await;
+    let mountinfo = format!("/proc/{pid}/mountinfo");
+    assert!(
+        !open_by_devmgrd(&daemon)
+            .iter()
+            .any(|l| l.contains(&mountinfo)),
+        "devmgrd still has the dead namespace's mountinfo open"
+    );
+}
+
+/// A partitioned loop device (partx -a) with a mounted partition: the
+/// partition's mount holds the disk; the partition alone cannot be removed
+/// (NotSupported, naming the disk); the unmount takes the disk and its
+/// partitions away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mounted_partition_holds_its_disk() {
+    let _one = disks::exclusive();
+    let (bus, _daemon, client) = watching(&[]).await;
+    let mut disk = LoopDisk::create("partitions", 32);
+    disk.partitions(2);
+    disk.mkfs(&disk.partition(1));
+    let at = disk.mount_point("p1");
+    disk.mount(&disk.partition(1), &at);
+    let path = client.appears(&disk.name()).await;
+    let p1 = client.appears(&format!("{}p1", disk.name())).await;
+    let p2 = client.appears(&format!("{}p2", disk.name())).await;
+    let reason = format!("mounted at {} (ext4)", at.display());
+    held_by(&client, &p1, "kernel:mount", &reason).await;
+
+    let out = devctl(&bus, &["remove", &format!("{}p2", disk.name())]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("org.devmgr.DevMgr1.Error.NotSupported") && err.contains(&disk.name()),
+        "{err}"
+    );
+    assert_eq!(client.state(&p2).await.as_deref(), Some("live"));
+
+    let text = remove_pending(&bus, &disk.name(), &[]);
+    assert!(
+        text.contains(&format!("device/{}p1 (removing, 1 reference)", disk.name())),
+        "{text}"
+    );
+    assert!(text.contains(&reason), "{text}");
+    disk.umount(&at);
+    removed_for_real(&client, &path, &disk).await;
+    assert!(!client.exists(&p1).await && !client.exists(&p2).await);
+    assert!(!disk.partition(1).exists());
+}
+
+/// Re-enabling a removal that waits on a mount leaves the mount alone, and
+/// a later unmount removes nothing. Force revokes references and never
+/// unmounts; detach-mounts does, and the device goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reenable_keeps_the_mount_force_never_unmounts_detach_mounts_does() {
+    let _one = disks::exclusive();
+    let (bus, _daemon, client) = watching(&[]).await;
+    let mut disk = LoopDisk::create("force", 64);
+    disk.mkfs(&disk.node());
+    let at = disk.mount_point("mnt");
+    disk.mount(&disk.node(), &at);
+    let path = client.appears(&disk.name()).await;
+    let reason = format!("mounted at {} (ext4)", at.display());
+    held_by(&client, &path, "kernel:mount", &reason).await;
+
+    remove_pending(&bus, &disk.name(), &[]);
+    let out = devctl(&bus, &["reenable", &disk.name()]);
+    assert!(out.status.success());
+    assert_eq!(client.state(&path).await.as_deref(), Some("live"));
+    assert!(LoopDisk::is_mounted(&at));
+    disk.umount(&at);
+    eventually("the mount to leave Holders", || async {
+        client.holders(&path).await.is_empty()
+    })
+    .await;
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(client.state(&path).await.as_deref(), Some("live"));
+    assert!(
+        disk.sys_block().exists(),
+        "a cancelled removal removes nothing"
+    );
+
+    // A client's reference and a mount: force revokes the one, not the other.
+    disk.mount(&disk.node(), &at);
+    held_by(&client, &path, "kernel:mount", &reason).await;
+    let fd = client.acquire(&path).await;
+    let text = remove_pending(&bus, &disk.name(), &["--force"]);
+    assert!(text.contains(&reason), "{text}");
+    assert!(handle_closed_by_daemon(fd), "force revokes the reference");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(LoopDisk::is_mounted(&at), "force never unmounts");
+    assert_eq!(client.state(&path).await.as_deref(), Some("removing"));
+    assert_eq!(client.ref_count(&path).await, Some(1));
+
+    let out = devctl(
+        &bus,
+        &["remove", &disk.name(), "--detach-mounts", "--wait=10"],
+    );
+    assert!(
+        out.status.success(),
+        "{}{}",
+        stdout(&out),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!LoopDisk::is_mounted(&at), "detach-mounts unmounts");
+    removed_for_real(&client, &path, &disk).await;
+}
+
+/// `remove --wait` ends as soon as the removal fails (here: real actions
+/// are off), with exit 1 and the error, instead of waiting on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remove_wait_ends_at_once_when_the_removal_fails() {
+    let _one = disks::exclusive();
+    let (bus, _daemon, client) = watching(&["--no-actuate"]).await;
+    let disk = LoopDisk::create("fails", 1);
+    let path = client.appears(&disk.name()).await;
+    let start = Instant::now();
+    let out = devctl(&bus, &["remove", &disk.name(), "--wait=30"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(start.elapsed() < Duration::from_secs(20));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("failed") && err.contains("real actions are off"),
+        "{err}"
+    );
+    assert_eq!(client.state(&path).await.as_deref(), Some("stopped"));
+}
