@@ -150,6 +150,7 @@ impl Model {
             // Still `removing`: it completes when the users it has now go.
             // A driver removal holding it back may let it go now.
             self.obj_mut(key).exiting = false;
+            self.requalify_removal(key);
             if self.obj(key).unbind_hold.is_some() {
                 self.deferred.push((key, id));
             }

@@ -329,15 +329,24 @@ impl Model {
     /// holder): it is part of that removal, as if the cascade had met it.
     fn join_parents_removal(&mut self, key: Key) {
         let parent = self.obj(key).parent;
-        let Some(req) = self.obj(parent).removal else {
-            return;
-        };
-        if !self.requests.contains_key(&req) {
-            return; // the parent's own teardown is under way, not a request
+        // (Not when the parent's own teardown is under way without a
+        // request: nothing would complete it then.)
+        let joined = self
+            .obj(parent)
+            .removal
+            .and_then(|req| Some((req, self.requests.get(&req)?.root)));
+        if let Some((req, root)) = joined {
+            // As the cascade would have met it and what its driver scanned
+            // with it (found by the fuzzer: a host bound at creation),
+            // children first.
+            for (k, kid) in self.post_order(key) {
+                if self.alive(k, kid) {
+                    self.cascade_step(k, req, root);
+                }
+            }
         }
-        self.begin_exit(key, req);
-        // One that does not ride (it has its own removal) keeps a riding
-        // parent busy.
+        // One that does not ride keeps a riding parent busy (found by the
+        // fuzzer: a child under a partition whose disk's driver acted).
         self.busy_again(parent);
         self.settle_deferred();
     }
@@ -849,9 +858,44 @@ impl Model {
         if o.unbind_hold.is_some() && o.ref_count == 0 && o.scanned_children == 0 {
             self.unbind_now(key);
         }
+        self.requalify_removal(key);
         if parent != NONE {
             self.obj_mut(parent).extra_mut().riders -= 1;
             self.busy_again(parent);
+        }
+    }
+
+    /// An object that was on its way out (riding, or its driver acting)
+    /// waits on its own again: if the removal it was part of was called
+    /// off meanwhile (found by the fuzzer), it is part of whatever still
+    /// covers it, or of nothing.
+    pub(crate) fn requalify_removal(&mut self, key: Key) {
+        if let Some(req) = self.obj(key).removal {
+            if !self.requests.contains_key(&req) {
+                let inherit = self.covering_request(key);
+                self.change_state(key, |o| o.removal = inherit);
+                if inherit.is_none() {
+                    self.release_riders(key);
+                }
+            }
+        }
+    }
+
+    /// `key` is no longer being removed: what rode on it comes back too.
+    fn release_riders(&mut self, key: Key) {
+        let riders: Vec<Key> = self
+            .obj(key)
+            .children
+            .iter()
+            .copied()
+            .filter(|&c| self.obj(c).riding())
+            .collect();
+        for c in riders {
+            self.stop_riding(c);
+            if self.obj(c).removal.is_some() {
+                self.change_state(c, |o| o.removal = None);
+            }
+            self.release_riders(c);
         }
     }
 
@@ -1224,7 +1268,18 @@ impl Model {
                 self.revoke_all(k);
             }
         }
-        let req = match self.root_request_of(key) {
+        // The root's own request, or the live one it is already part of
+        // (an ancestor's: what the cascade marks then belongs to that one,
+        // which outlives this call; found by the fuzzer), else a new one.
+        let joined = self.root_request_of(key).or_else(|| {
+            self.obj(key)
+                .removal
+                .filter(|r| self.requests.contains_key(r))
+        });
+        let created = joined.is_none();
+        // (A deadline is for the root's own removal, never an ancestor's.)
+        let ancestors = joined.is_some() && self.root_request_of(key).is_none();
+        let req = match joined {
             Some(existing) => existing,
             None => {
                 let req = RequestId::from_counter(self.next_request.next());
@@ -1235,6 +1290,14 @@ impl Model {
                         deadline: None,
                     },
                 );
+                // A root whose driver is acting, whose removal was called
+                // off meanwhile, is this removal's now: what the cascade
+                // marks below it has a request to belong to (found by the
+                // fuzzer).
+                let o = self.obj(key);
+                if o.exiting && o.removal.is_some_and(|r| !self.requests.contains_key(&r)) {
+                    self.obj_mut(key).removal = Some(req);
+                }
                 req
             }
         };
@@ -1270,11 +1333,12 @@ impl Model {
                 }
             }
         }
-        if !self.contains(id) || self.obj(key).removal != Some(req) {
+        if created && (!self.contains(id) || self.obj(key).removal != Some(req)) {
             // The root went at once, or did not end up pending on this request
             // (its exit failed, or it belongs to an ancestor's removal).
             self.drop_request(req);
         }
+        let deadline = deadline.filter(|_| !ancestors);
         if let (Some((t, action)), Some(r)) = (deadline, self.requests.get_mut(&req)) {
             if let Some((old, _)) = r.deadline.replace((t, action)) {
                 self.deadlines.remove(&(old, req));
@@ -1709,9 +1773,14 @@ impl Model {
             return None;
         }
         let parent = self.obj(o.parent);
-        parent
-            .removal
-            .or(if o.scanned { parent.unbind_hold } else { None })
+        // Not one that was dropped while the parent's driver acts (the
+        // parent keeps it, exiting; found by the fuzzer).
+        let alive = |r: &RequestId| self.requests.contains_key(r);
+        parent.removal.filter(alive).or(if o.scanned {
+            parent.unbind_hold.filter(alive)
+        } else {
+            None
+        })
     }
 
     // ------------------------------------------------- kernel and drivers

@@ -353,7 +353,8 @@ impl Model {
         self.reference_quota = quota;
         self.held_by.clear();
         if quota.is_some() {
-            for (_, r) in self.refs.iter() {
+            // The kernel's users are nobody's quota (found by the fuzzer).
+            for (_, r) in self.refs.iter().filter(|(_, r)| r.kernel.is_none()) {
                 *self.held_by.entry(r.holder.key).or_insert(0) += 1;
             }
         }

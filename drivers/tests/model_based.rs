@@ -256,7 +256,11 @@ impl Run {
             }
             Op::AddDisk { parent } => {
                 // Mostly loop devices; now and then one whose removal fails.
-                let name = if self.step.is_multiple_of(4) { "disk" } else { "loop" };
+                let name = if self.step.is_multiple_of(4) {
+                    "disk"
+                } else {
+                    "loop"
+                };
                 let mut req = AddRequest::new(Kind::Device, format!("{name}{}", self.step));
                 req.origin = Origin::Udev;
                 req.subsystem = "block".into();

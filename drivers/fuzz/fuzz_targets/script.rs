@@ -21,6 +21,7 @@ use drivers::{
 pub enum Dialect {
     /// The commands before the kernel's users existed (regression inputs
     /// named `engine_commands-*`).
+    #[allow(dead_code)] // the fuzz target runs the other; the replay, both
     Classic,
     /// Every command, the kernel's users included (inputs named
     /// `engine_commands-v2-*`).
