@@ -207,11 +207,20 @@ impl LoopDisk {
 
 impl Drop for LoopDisk {
     fn drop(&mut self) {
+        // (devmgrd may have detached them already: detach-mounts.)
+        let quiet = || std::process::Stdio::null();
         for at in self.mounts.drain(..) {
-            let _ = Command::new("umount").arg("-l").arg(&at).status();
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&at)
+                .stderr(quiet())
+                .status();
         }
         for device in self.swap.drain(..) {
-            let _ = Command::new("swapoff").arg(&device).status();
+            let _ = Command::new("swapoff")
+                .arg(&device)
+                .stderr(quiet())
+                .status();
         }
         if self.node().exists() {
             let _ = Command::new("losetup")

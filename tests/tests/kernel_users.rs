@@ -20,8 +20,14 @@ use zbus::OwnedObjectPath;
 /// A private bus, devmgrd modelling block devices from kernel events, and
 /// a client.
 async fn watching(extra: &[&str]) -> (TestBus, Daemon, Client) {
+    watching_from("kernel", extra).await
+}
+
+/// The same, with events from `source` (`udev`: after systemd-udevd, whose
+/// workers open the devices they probe, as on a real machine).
+async fn watching_from(source: &str, extra: &[&str]) -> (TestBus, Daemon, Client) {
     let bus = TestBus::start();
-    let mut args = vec!["--udev-source", "kernel", "--subsystems", "block"];
+    let mut args = vec!["--udev-source", source, "--subsystems", "block"];
     args.extend_from_slice(extra);
     let daemon = Daemon::start_with_args(&bus, &args);
     let client = Client::connect(&bus.address).await;
@@ -102,8 +108,26 @@ fn open_by_devmgrd(daemon: &Daemon) -> Vec<String> {
 /// the unmount completes the removal, for real.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mounted_loop_device_waits_for_its_unmount_then_goes() {
+    mounted_until_unmounted("kernel").await;
+}
+
+/// The same with the udev source (CI runs systemd-udevd).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_udev_a_mounted_loop_device_waits_for_its_unmount_then_goes() {
+    let udevd = Command::new("udevadm")
+        .args(["control", "--ping", "--timeout=5"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        udevd,
+        "this test needs a running systemd-udevd (.ci/deps starts one)"
+    );
+    mounted_until_unmounted("udev").await;
+}
+
+async fn mounted_until_unmounted(source: &str) {
     let _one = disks::exclusive();
-    let (bus, daemon, client) = watching(&[]).await;
+    let (bus, daemon, client) = watching_from(source, &[]).await;
     let mut disk = LoopDisk::create("mounted", 64);
     disk.mkfs(&disk.node());
     let at = disk.mount_point("srv");
@@ -143,7 +167,9 @@ async fn a_mounted_loop_device_waits_for_its_unmount_then_goes() {
 
     disk.umount(&at);
     let (object, real) = removed_for_real(&client, &path, &disk).await;
-    eprintln!("umount -> object removed in {object:?}, /sys/block entry gone in {real:?}");
+    eprintln!(
+        "{source}: umount -> object removed in {object:?}, /sys/block entry gone in {real:?}"
+    );
     assert!(real < Duration::from_secs(2), "{real:?}");
 }
 
@@ -182,15 +208,42 @@ async fn a_process_holding_the_node_is_named_and_its_exit_completes_the_removal(
     eprintln!("holder killed -> object removed in {object:?}, device gone in {real:?}");
 }
 
-/// Swap on a loop device holds it until swapoff.
+/// Swap on a loop device holds it until swapoff; `devctl monitor` shows
+/// the holder appear.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swap_holds_a_loop_device_until_swapoff() {
     let _one = disks::exclusive();
     let (bus, _daemon, client) = watching(&[]).await;
     let mut disk = LoopDisk::create("swap", 16);
-    disk.swapon(&disk.node());
     let path = client.appears(&disk.name()).await;
+    let mut monitor = devctl_command(&bus, &["monitor", &disk.name()])
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("devctl monitor");
+    let lines = std::io::BufRead::lines(std::io::BufReader::new(
+        monitor.stdout.take().expect("stdout"),
+    ));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let first = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the snapshot");
+    assert!(first.contains("present"), "{first}");
+    disk.swapon(&disk.node());
     held_by(&client, &path, "kernel:swap", "swap").await;
+    let seen = (0..20)
+        .map_while(|_| rx.recv_timeout(Duration::from_secs(5)).ok())
+        .find(|l| l.contains("Holders=[swap]"));
+    assert!(seen.is_some(), "monitor never showed the swap holder");
+    let _ = monitor.kill();
+    let _ = monitor.wait();
     let text = remove_pending(&bus, &disk.name(), &[]);
     assert!(text.contains("swap is on it"), "{text}");
     disk.swapoff(&disk.node());
@@ -361,4 +414,36 @@ async fn remove_wait_ends_at_once_when_the_removal_fails() {
         "{err}"
     );
     assert_eq!(client.state(&path).await.as_deref(), Some("stopped"));
+}
+
+/// detach-mounts with a process working in the filesystem: the lazily
+/// detached filesystem stays alive while it does, so the removal waits for
+/// that process, named, and completes when it exits (as the kernel lets
+/// go). Processes are never killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_detach_mounts_the_removal_waits_for_processes_on_the_filesystem() {
+    let _one = disks::exclusive();
+    let (bus, _daemon, client) = watching(&[]).await;
+    let mut disk = LoopDisk::create("detached", 64);
+    disk.mkfs(&disk.node());
+    let at = disk.mount_point("busy");
+    disk.mount(&disk.node(), &at);
+    let path = client.appears(&disk.name()).await;
+    held_by(&client, &path, "kernel:mount", "mounted at").await;
+    let mut worker = Command::new("sleep")
+        .arg("600")
+        .current_dir(&at)
+        .spawn()
+        .expect("sleep");
+    let pid = worker.id();
+    let out = devctl(&bus, &["remove", &disk.name(), "--detach-mounts"]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    let reason = format!("open on its detached filesystem by sleep (pid {pid})");
+    held_by(&client, &path, "kernel:process", &reason).await;
+    assert!(!LoopDisk::is_mounted(&at), "detached from the tree");
+    assert_eq!(client.state(&path).await.as_deref(), Some("removing"));
+    assert!(disk.sys_block().exists());
+    let _ = worker.kill();
+    let _ = worker.wait();
+    removed_for_real(&client, &path, &disk).await;
 }

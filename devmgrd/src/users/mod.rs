@@ -130,6 +130,9 @@ pub enum UserKey {
     /// that execs another — a shell's child becoming `sleep` — is a new
     /// user, so that the reason names the program it runs now).
     Process { pid: u32, program: String },
+    /// A process with files (or its working directory) on a lazily
+    /// detached filesystem of the device.
+    Files { pid: u32, program: String },
 }
 
 /// How to take a user away (`detach-mounts`, rule 18).

@@ -1,15 +1,22 @@
 //! Processes with a block device node open: found in `/proc/PID/fd` (what
 //! lsof, fuser and lsfd read), followed by fanotify open and close events
 //! on the device nodes (no file descriptor is opened for an event: the
-//! group reports file ids, FAN_REPORT_FID) and by a pidfd per holder
-//! (readable when it exits). A device's last known holder going is
-//! confirmed by a full scan, since a child may share its open file (a fork
-//! makes no event).
+//! group reports file ids, FAN_REPORT_FID), by a pidfd per holder (readable
+//! when it exits) and by the process connector's forks and execs. A
+//! device's last known holder going is confirmed by a full scan, since
+//! another process may share its open file (a fork, a passed fd).
 //!
 //! Without fanotify (an old kernel, no CAP_SYS_ADMIN), nothing says that a
 //! process closed a node without exiting: the known holders of a device are
 //! then re-checked with a backoff (1 s doubling to 60 s) for as long as it
 //! has any (docs/kernel-users.md).
+//!
+//! Also found here, when asked (a claim that finds a device busy): the
+//! processes with files, or their working or root directory, on a
+//! filesystem of a device that is no longer mounted — a lazily detached
+//! filesystem they keep alive, and its disk with it. Nothing says when they
+//! let go but their exit: they are re-checked with the same backoff for as
+//! long as there are any.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -46,7 +53,7 @@ pub fn info(pid: u32) -> Option<ProcInfo> {
     })
 }
 
-/// `st_rdev` split into (major, minor), as the kernel encodes it.
+/// `st_rdev` (or `st_dev`) split into (major, minor), as the kernel encodes it.
 pub fn split_rdev(rdev: u64) -> DevNum {
     let major = ((rdev >> 32) & 0xffff_f000) | ((rdev >> 8) & 0xfff);
     let minor = ((rdev >> 12) & 0xffff_ff00) | (rdev & 0xff);
@@ -61,21 +68,46 @@ pub fn block_device(path: &Path) -> Option<DevNum> {
         .then(|| split_rdev(meta.rdev()))
 }
 
-/// The block devices among `wanted` that `pid` has open.
-fn open_by(pid: u32, wanted: &HashSet<DevNum>) -> BTreeSet<DevNum> {
-    let mut found = BTreeSet::new();
-    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return found;
-    };
-    for fd in fds.flatten() {
+/// What one process uses: device nodes it has open, and devices on whose
+/// filesystem it has files or its directories.
+#[derive(Default)]
+struct Uses {
+    nodes: BTreeSet<DevNum>,
+    files: BTreeSet<DevNum>,
+}
+
+/// The devices among `nodes` whose node `pid` has open, and those among
+/// `files` on whose filesystem it has a file open or its working or root
+/// directory.
+fn used_by(pid: u32, nodes: &HashSet<DevNum>, files: &HashSet<DevNum>) -> Uses {
+    let mut uses = Uses::default();
+    let mut look = |path: &Path| {
         // stat follows the magic link to the open file without opening it.
-        if let Some(dev) = block_device(&fd.path()) {
-            if wanted.contains(&dev) {
-                found.insert(dev);
+        let Ok(meta) = std::fs::metadata(path) else {
+            return;
+        };
+        if meta.file_type().is_block_device() {
+            let dev = split_rdev(meta.rdev());
+            if nodes.contains(&dev) {
+                uses.nodes.insert(dev);
+            }
+        } else if !files.is_empty() {
+            let dev = split_rdev(meta.dev());
+            if files.contains(&dev) {
+                uses.files.insert(dev);
             }
         }
+    };
+    if let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        for fd in fds.flatten() {
+            look(&fd.path());
+        }
     }
-    found
+    if !files.is_empty() {
+        look(Path::new(&format!("/proc/{pid}/cwd")));
+        look(Path::new(&format!("/proc/{pid}/root")));
+    }
+    uses
 }
 
 /// Every process's pid but ours.
@@ -89,21 +121,33 @@ fn all_pids(own: u32) -> Vec<u32> {
         .collect()
 }
 
-/// The processes with a tracked device open, and how devmgrd hears of them.
+/// Which processes, per device.
+type ByDevice = HashMap<DevNum, BTreeMap<u32, ProcInfo>>;
+
+/// The processes using tracked devices, and how devmgrd hears of them.
 pub struct Processes {
     own: u32,
     fanotify: Option<Fanotify>,
-    /// Known holders per device.
-    holders: HashMap<DevNum, BTreeMap<u32, ProcInfo>>,
-    /// A pidfd per known holder.
+    /// Known holders of each device's node.
+    holders: ByDevice,
+    /// Processes using a detached filesystem of the device (when asked).
+    files: ByDevice,
+    /// A pidfd per process in either.
     pidfds: HashMap<u32, OwnedFd>,
-    /// Without fanotify: when each device's holders are checked next, and
-    /// the backoff that got there.
+    /// For devices with users nothing reports the end of: when they are
+    /// checked next, and the backoff that got there.
     recheck: HashMap<DevNum, (Instant, Duration)>,
 }
 
 const FIRST_RECHECK: Duration = Duration::from_secs(1);
 const LAST_RECHECK: Duration = Duration::from_secs(60);
+const NODE_EVENTS: MaskFlags = MaskFlags::FAN_OPEN
+    .union(MaskFlags::FAN_CLOSE_WRITE)
+    .union(MaskFlags::FAN_CLOSE_NOWRITE);
+
+/// `FAN_REPORT_FID`: events name the file by its handle and carry no open
+/// descriptor, so reading an event never opens the device node.
+const FAN_REPORT_FID: u32 = 0x0000_0200;
 
 impl Processes {
     /// Starts following; without fanotify, says why and falls back.
@@ -111,7 +155,7 @@ impl Processes {
         let flags = InitFlags::FAN_CLASS_NOTIF
             | InitFlags::FAN_CLOEXEC
             | InitFlags::FAN_NONBLOCK
-            | InitFlags::from_bits_retain(libc_report_fid());
+            | InitFlags::from_bits_retain(FAN_REPORT_FID);
         let fanotify = match Fanotify::init(flags, EventFFlags::O_RDONLY) {
             Ok(f) => Some(f),
             Err(e) => {
@@ -126,6 +170,7 @@ impl Processes {
             own,
             fanotify,
             holders: HashMap::new(),
+            files: HashMap::new(),
             pidfds: HashMap::new(),
             recheck: HashMap::new(),
         }
@@ -134,13 +179,13 @@ impl Processes {
     /// Opens and closes of this node are reported from now on.
     pub fn watch_node(&self, node: &Path) {
         let Some(f) = &self.fanotify else { return };
-        let mask = MaskFlags::FAN_OPEN | MaskFlags::FAN_CLOSE_WRITE | MaskFlags::FAN_CLOSE_NOWRITE;
-        if let Err(e) = f.mark(
+        let added = f.mark(
             MarkFlags::FAN_MARK_ADD,
-            mask,
+            NODE_EVENTS,
             nix::fcntl::AT_FDCWD,
             Some(node),
-        ) {
+        );
+        if let Err(e) = added {
             tracing::debug!("cannot watch opens of {}: {e}", node.display());
         }
     }
@@ -149,16 +194,15 @@ impl Processes {
     /// model; a deleted node's mark went with it).
     pub fn unwatch_node(&self, node: &Path) {
         let Some(f) = &self.fanotify else { return };
-        let mask = MaskFlags::FAN_OPEN | MaskFlags::FAN_CLOSE_WRITE | MaskFlags::FAN_CLOSE_NOWRITE;
         let _ = f.mark(
             MarkFlags::FAN_MARK_REMOVE,
-            mask,
+            NODE_EVENTS,
             nix::fcntl::AT_FDCWD,
             Some(node),
         );
     }
 
-    /// What to poll: fanotify, and every holder's pidfd (with its pid).
+    /// What to poll: fanotify, and every known user's pidfd (with its pid).
     pub fn poll_fds(&self) -> (Option<BorrowedFd<'_>>, Vec<(u32, BorrowedFd<'_>)>) {
         (
             self.fanotify.as_ref().map(AsFd::as_fd),
@@ -166,31 +210,49 @@ impl Processes {
         )
     }
 
-    /// The known holders of `dev`.
+    /// The known holders of `dev`'s node.
     pub fn holders(&self, dev: DevNum) -> impl Iterator<Item = (u32, &ProcInfo)> {
-        self.holders
-            .get(&dev)
-            .into_iter()
-            .flat_map(|h| h.iter().map(|(p, i)| (*p, i)))
+        listed(&self.holders, dev)
+    }
+
+    /// The processes using a detached filesystem of `dev`, as last scanned.
+    pub fn files_of(&self, dev: DevNum) -> impl Iterator<Item = (u32, &ProcInfo)> {
+        listed(&self.files, dev)
     }
 
     /// Scans every process for the devices in `devs`: their holders are
     /// exactly what it finds. Returns the devices whose holders changed.
     pub fn full_scan(&mut self, devs: &HashSet<DevNum>) -> Vec<DevNum> {
-        if devs.is_empty() {
+        self.full_scan_with_files(devs, &HashSet::new())
+    }
+
+    /// Same, and for the devices in `files` (mounted nowhere any more), the
+    /// processes using a filesystem of theirs.
+    pub fn full_scan_with_files(
+        &mut self,
+        devs: &HashSet<DevNum>,
+        files: &HashSet<DevNum>,
+    ) -> Vec<DevNum> {
+        if devs.is_empty() && files.is_empty() {
             return Vec::new();
         }
-        let mut found: HashMap<DevNum, BTreeMap<u32, ProcInfo>> = HashMap::new();
+        let (mut open, mut on) = (ByDevice::new(), ByDevice::new());
         for pid in all_pids(self.own) {
-            for dev in open_by(pid, devs) {
-                if let Some(info) = info(pid) {
-                    found.entry(dev).or_default().insert(pid, info);
-                }
+            let uses = used_by(pid, devs, files);
+            if uses.nodes.is_empty() && uses.files.is_empty() {
+                continue;
+            }
+            let Some(info) = info(pid) else { continue };
+            for dev in uses.nodes {
+                open.entry(dev).or_default().insert(pid, info.clone());
+            }
+            for dev in uses.files {
+                on.entry(dev).or_default().insert(pid, info.clone());
             }
         }
         let mut changed = Vec::new();
         for &dev in devs {
-            let now = found.remove(&dev).unwrap_or_default();
+            let now = open.remove(&dev).unwrap_or_default();
             if self
                 .holders
                 .get(&dev)
@@ -198,7 +260,18 @@ impl Processes {
             {
                 changed.push(dev);
             }
-            self.set(dev, now);
+            self.set(dev, now, false);
+        }
+        for &dev in files {
+            let now = on.remove(&dev).unwrap_or_default();
+            if self
+                .files
+                .get(&dev)
+                .map_or(!now.is_empty(), |old| *old != now)
+            {
+                changed.push(dev);
+            }
+            self.set(dev, now, true);
         }
         self.forget_pidfds();
         changed
@@ -207,12 +280,15 @@ impl Processes {
     /// A device left the model.
     pub fn forget(&mut self, dev: DevNum) {
         self.holders.remove(&dev);
+        self.files.remove(&dev);
         self.recheck.remove(&dev);
         self.forget_pidfds();
     }
 
-    fn set(&mut self, dev: DevNum, holders: BTreeMap<u32, ProcInfo>) {
-        for &pid in holders.keys() {
+    /// Records the node holders (or, with `files`, the users of the detached
+    /// filesystem) of `dev`, with a pidfd on each.
+    fn set(&mut self, dev: DevNum, users: BTreeMap<u32, ProcInfo>, files: bool) {
+        for &pid in users.keys() {
             if let std::collections::hash_map::Entry::Vacant(slot) = self.pidfds.entry(pid) {
                 let raw = rustix::process::Pid::from_raw(pid as i32);
                 if let Some(fd) = raw.and_then(|p| {
@@ -222,92 +298,108 @@ impl Processes {
                 }
             }
         }
-        if holders.is_empty() {
-            self.holders.remove(&dev);
+        let map = if files {
+            &mut self.files
+        } else {
+            &mut self.holders
+        };
+        if users.is_empty() {
+            map.remove(&dev);
+        } else {
+            map.insert(dev, users);
+        }
+        // Re-checked with the backoff while it has users whose end nothing
+        // reports: node holders without fanotify, detached-filesystem users.
+        let unreported = self.files.contains_key(&dev)
+            || (self.fanotify.is_none() && self.holders.contains_key(&dev));
+        if !unreported {
             self.recheck.remove(&dev);
         } else {
-            if self.fanotify.is_none() {
-                self.recheck
-                    .entry(dev)
-                    .or_insert((Instant::now() + FIRST_RECHECK, FIRST_RECHECK));
-            }
-            self.holders.insert(dev, holders);
+            self.recheck
+                .entry(dev)
+                .or_insert_with(|| (Instant::now() + FIRST_RECHECK, FIRST_RECHECK));
         }
     }
 
-    /// Drops the pidfds of processes that hold nothing any more.
+    /// Drops the pidfds of processes that use nothing any more.
     fn forget_pidfds(&mut self) {
-        let holding: HashSet<u32> = self
+        let using: HashSet<u32> = self
             .holders
             .values()
+            .chain(self.files.values())
             .flat_map(|h| h.keys().copied())
             .collect();
-        self.pidfds.retain(|pid, _| holding.contains(pid));
+        self.pidfds.retain(|pid, _| using.contains(pid));
     }
 
-    /// Re-checks the known holders of `devs`: those that no longer have
-    /// the device open go; a device left without any is scanned in full.
-    fn recheck_holders(&mut self, devs: Vec<DevNum>) -> Vec<DevNum> {
+    /// Re-checks the known users of `devs`: those that no longer use the
+    /// device go; a device left without any is scanned in full.
+    fn recheck_users(&mut self, devs: Vec<DevNum>) -> Vec<DevNum> {
         let mut changed = Vec::new();
-        let mut emptied = HashSet::new();
+        let (mut emptied, mut emptied_files) = (HashSet::new(), HashSet::new());
         for dev in devs {
-            let Some(known) = self.holders.get(&dev).cloned() else {
-                continue;
-            };
             let wanted = HashSet::from([dev]);
-            let still: BTreeMap<u32, ProcInfo> = known
-                .iter()
-                .filter(|(pid, _)| open_by(**pid, &wanted).contains(&dev))
-                .map(|(p, i)| (*p, i.clone()))
-                .collect();
-            if still.is_empty() {
-                emptied.insert(dev);
-            } else if still != known {
-                changed.push(dev);
-                self.set(dev, still);
+            let none = HashSet::new();
+            for files in [false, true] {
+                let map = if files { &self.files } else { &self.holders };
+                let Some(known) = map.get(&dev).cloned() else {
+                    continue;
+                };
+                let still: BTreeMap<u32, ProcInfo> = known
+                    .iter()
+                    .filter(|(pid, _)| {
+                        let uses = if files {
+                            used_by(**pid, &none, &wanted).files
+                        } else {
+                            used_by(**pid, &wanted, &none).nodes
+                        };
+                        uses.contains(&dev)
+                    })
+                    .map(|(p, i)| (*p, i.clone()))
+                    .collect();
+                if still.is_empty() {
+                    if files {
+                        emptied_files.insert(dev);
+                    } else {
+                        emptied.insert(dev);
+                    }
+                } else if still != known {
+                    changed.push(dev);
+                    self.set(dev, still, files);
+                }
             }
         }
-        changed.extend(self.full_scan(&emptied));
+        changed.extend(self.full_scan_with_files(&emptied, &emptied_files));
         self.forget_pidfds();
         changed
     }
 
     /// fanotify said something happened: opens are looked up in the
-    /// opener's fds, closes and exits re-check the devices it held.
-    /// `tracked` is every device followed. Returns the devices whose
-    /// holders changed.
+    /// opener's fds, and any close re-checks every device's known holders
+    /// (the close is reported by whoever dropped the last copy of the open
+    /// file, which may have come from a known holder). `tracked` is every
+    /// device followed. Returns the devices whose holders changed.
     pub fn on_events(&mut self, tracked: &HashSet<DevNum>) -> Vec<DevNum> {
         let Some(f) = &self.fanotify else {
             return Vec::new();
         };
         let mut opened = BTreeSet::new();
-        let mut closed = false;
-        let mut overflow = false;
+        let (mut closed, mut overflow) = (false, false);
         loop {
             match f.read_events() {
                 Ok(events) if events.is_empty() => break,
                 Ok(events) => {
                     for event in events {
                         let mask = event.mask();
-                        if mask.contains(MaskFlags::FAN_Q_OVERFLOW) {
-                            overflow = true;
-                        }
-                        let Ok(pid) = u32::try_from(event.pid()) else {
-                            continue;
-                        };
-                        if pid == self.own {
-                            continue; // our own claim, during a real action
-                        }
-                        if mask.contains(MaskFlags::FAN_OPEN) {
-                            opened.insert(pid);
-                        }
-                        // A close is reported by whoever dropped the last
-                        // copy of the open file, which may be a process that
-                        // got it from a known holder (a fork, a passed fd).
-                        if mask
-                            .intersects(MaskFlags::FAN_CLOSE_WRITE | MaskFlags::FAN_CLOSE_NOWRITE)
-                        {
-                            closed = true;
+                        overflow |= mask.contains(MaskFlags::FAN_Q_OVERFLOW);
+                        closed |= mask
+                            .intersects(MaskFlags::FAN_CLOSE_WRITE | MaskFlags::FAN_CLOSE_NOWRITE);
+                        match u32::try_from(event.pid()) {
+                            // Our own opens are a real action's claim.
+                            Ok(pid) if pid != self.own && mask.contains(MaskFlags::FAN_OPEN) => {
+                                opened.insert(pid);
+                            }
+                            _ => {}
                         }
                     }
                 }
@@ -323,61 +415,62 @@ impl Processes {
             return self.full_scan(tracked);
         }
         let mut changed = Vec::new();
+        let none = HashSet::new();
         for pid in opened {
-            for dev in open_by(pid, tracked) {
-                let Some(info) = info(pid) else { continue };
+            let Some(info) = info(pid) else { continue };
+            for dev in used_by(pid, tracked, &none).nodes {
                 let mut holders = self.holders.get(&dev).cloned().unwrap_or_default();
-                if holders.insert(pid, info.clone()) != Some(info) {
+                if holders.insert(pid, info.clone()) != Some(info.clone()) {
                     changed.push(dev);
-                    self.set(dev, holders);
+                    self.set(dev, holders, false);
                 }
             }
         }
         if closed {
             let devs: Vec<DevNum> = self.holders.keys().copied().collect();
-            changed.extend(self.recheck_holders(devs));
+            changed.extend(self.recheck_users(devs));
         }
         changed
     }
 
-    /// A known holder forked: the child shares its open files.
+    /// A known user forked: the child shares its open files and its
+    /// directories.
     pub fn forked(&mut self, parent: u32, child: u32) -> Vec<DevNum> {
-        let held: HashSet<DevNum> = self
-            .holders
-            .iter()
-            .filter(|(_, h)| h.contains_key(&parent))
-            .map(|(d, _)| *d)
-            .collect();
-        if held.is_empty() {
+        let by_parent = |m: &ByDevice| -> HashSet<DevNum> {
+            m.iter()
+                .filter(|(_, h)| h.contains_key(&parent))
+                .map(|(d, _)| *d)
+                .collect()
+        };
+        let (nodes, files) = (by_parent(&self.holders), by_parent(&self.files));
+        if nodes.is_empty() && files.is_empty() {
             return Vec::new();
         }
+        let Some(info) = info(child) else {
+            return Vec::new();
+        };
+        let uses = used_by(child, &nodes, &files);
         let mut changed = Vec::new();
-        for dev in open_by(child, &held) {
-            let Some(info) = info(child) else { continue };
-            let mut holders = self.holders.get(&dev).cloned().unwrap_or_default();
-            holders.insert(child, info);
-            changed.push(dev);
-            self.set(dev, holders);
+        for (devs, is_files) in [(uses.nodes, false), (uses.files, true)] {
+            for dev in devs {
+                let map = if is_files { &self.files } else { &self.holders };
+                let mut users = map.get(&dev).cloned().unwrap_or_default();
+                users.insert(child, info.clone());
+                changed.push(dev);
+                self.set(dev, users, is_files);
+            }
         }
         changed
     }
 
-    fn devices_held_by(&self, pids: &BTreeSet<u32>) -> Vec<DevNum> {
-        self.holders
-            .iter()
-            .filter(|(_, h)| h.keys().any(|p| pids.contains(p)))
-            .map(|(d, _)| *d)
-            .collect()
-    }
-
-    /// A process started a program: if it holds a device, its name changed.
+    /// A process started a program: if it uses a device, its name changed.
     pub fn exec(&mut self, pid: u32) -> Vec<DevNum> {
         let Some(now) = info(pid) else {
             return Vec::new();
         };
         let mut changed = Vec::new();
-        for (dev, holders) in &mut self.holders {
-            if let Some(known) = holders.get_mut(&pid) {
+        for (dev, users) in self.holders.iter_mut().chain(self.files.iter_mut()) {
+            if let Some(known) = users.get_mut(&pid) {
                 if *known != now {
                     *known = now.clone();
                     changed.push(*dev);
@@ -387,14 +480,22 @@ impl Processes {
         changed
     }
 
-    /// A holder exited (its pidfd is readable).
+    /// A known user exited (its pidfd is readable).
     pub fn exited(&mut self, pid: u32) -> Vec<DevNum> {
         self.pidfds.remove(&pid);
-        let devs = self.devices_held_by(&BTreeSet::from([pid]));
-        self.recheck_holders(devs)
+        let mut devs: Vec<DevNum> = self
+            .holders
+            .iter()
+            .chain(self.files.iter())
+            .filter(|(_, h)| h.contains_key(&pid))
+            .map(|(d, _)| *d)
+            .collect();
+        devs.sort_unstable();
+        devs.dedup();
+        self.recheck_users(devs)
     }
 
-    /// When the next backoff re-check is due (only without fanotify).
+    /// When the next backoff re-check is due.
     pub fn next_recheck(&self) -> Option<Instant> {
         self.recheck.values().map(|(at, _)| *at).min()
     }
@@ -413,14 +514,14 @@ impl Processes {
                 *at = now + *after;
             }
         }
-        self.recheck_holders(due)
+        self.recheck_users(due)
     }
 }
 
-/// `FAN_REPORT_FID`: events name the file by its handle and carry no open
-/// descriptor, so reading an event never opens the device node.
-fn libc_report_fid() -> u32 {
-    0x0000_0200
+fn listed(map: &ByDevice, dev: DevNum) -> impl Iterator<Item = (u32, &ProcInfo)> {
+    map.get(&dev)
+        .into_iter()
+        .flat_map(|h| h.iter().map(|(p, i)| (*p, i)))
 }
 
 #[cfg(test)]

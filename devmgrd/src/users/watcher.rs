@@ -366,7 +366,11 @@ impl Watcher {
                     }
                     dirty_ids.insert(*id);
                 }
-                dirty.extend(self.processes.full_scan(&devs));
+                // A device mounted nowhere any more may still be held by the
+                // processes on its lazily detached filesystem.
+                let unmounted: HashSet<DevNum> =
+                    devs.iter().copied().filter(|d| !self.mounted(*d)).collect();
+                dirty.extend(self.processes.full_scan_with_files(&devs, &unmounted));
                 then.push(after);
             }
         }
@@ -445,6 +449,14 @@ impl Watcher {
             .collect();
         self.swap_areas = areas;
         changed
+    }
+
+    /// Whether a filesystem of `dev` is mounted in any namespace followed.
+    fn mounted(&self, dev: DevNum) -> bool {
+        self.namespaces
+            .list
+            .values()
+            .any(|n| n.mounts.iter().any(|(_, d)| *d == dev))
     }
 
     /// Every user of device `id` now.
@@ -531,6 +543,25 @@ impl Watcher {
                 reason,
                 Detail::Other,
             ));
+        }
+        // While it is mounted, the mount is the user, not what is open on it.
+        if !self.mounted(dev) {
+            for (pid, info) in self.processes.files_of(dev) {
+                users.push(Found::new(
+                    UserKey::Files {
+                        pid,
+                        program: info.comm.clone(),
+                    },
+                    KernelUse::Process,
+                    info.uid,
+                    pid,
+                    printable(format!(
+                        "open on its detached filesystem by {} (pid {pid})",
+                        info.comm
+                    )),
+                    Detail::Other,
+                ));
+            }
         }
         for (pid, info) in self.processes.holders(dev) {
             users.push(Found::new(

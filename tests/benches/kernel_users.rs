@@ -1,0 +1,416 @@
+//! Benchmarks of following the kernel's users (issue 12; root; real loop
+//! devices and mounts). Prints a table; docs/benchmarks.md keeps the
+//! numbers. Run: `cargo build --release -p devmgrd && cargo bench -p
+//! devmgr-tests --bench kernel_users [-- SECTION...]` with SECTION one of:
+//! - `storm`: Acquire+Release against Peer.Ping with 1,000 tmpfs mounts
+//!   present and during a storm of mount+umount pairs of unrelated tmpfs
+//!   (in a mount namespace of their own, which devmgrd follows), and
+//!   devmgrd's CPU during the storm;
+//! - `idle`: devmgrd's CPU over 60 s (`IDLE_SECONDS`) while a removal waits
+//!   on a mounted loop device;
+//! - `umount`: from `umount` to the mount leaving Holders and to
+//!   RemovalCompleted, over 100 rounds (`ROUNDS`), and the kernel's own
+//!   loop teardown (LOOP_CLR_FD + LOOP_CTL_REMOVE, without devmgrd) alone.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use devmgr_tests::disks::{self, LoopDisk};
+use devmgr_tests::*;
+use futures_util::{FutureExt, StreamExt};
+
+struct Samples(Vec<Duration>);
+
+impl Samples {
+    fn percentile(&mut self, p: f64) -> Duration {
+        self.0.sort_unstable();
+        let at = ((self.0.len() as f64 - 1.0) * p).round() as usize;
+        self.0[at]
+    }
+
+    fn row(&mut self, what: &str) -> (Duration, Duration) {
+        let (p50, p99) = (self.percentile(0.50), self.percentile(0.99));
+        let max = self.percentile(1.0);
+        println!(
+            "{what:<56} n={:<5} p50 {p50:>9.2?}  p99 {p99:>9.2?}  max {max:>9.2?}",
+            self.0.len()
+        );
+        (p50, p99)
+    }
+}
+
+/// CPU time devmgrd has used, all threads (from schedstat, in ns).
+fn cpu_of(pid: u32) -> Duration {
+    let mut total = 0u64;
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            let stat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+            total += stat
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    Duration::from_nanos(total)
+}
+
+/// How many times devmgrd's threads were switched out (each a wake-up).
+fn switches_of(pid: u32) -> u64 {
+    let mut total = 0;
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            for line in status.lines() {
+                if let Some(n) = line
+                    .strip_prefix("voluntary_ctxt_switches:")
+                    .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+                {
+                    total += n.trim().parse::<u64>().unwrap_or(0);
+                }
+            }
+        }
+    }
+    total
+}
+
+fn daemon(bus: &TestBus) -> Daemon {
+    Daemon::start_with_args(bus, &["--udev-source", "kernel", "--subsystems", "block"])
+}
+
+async fn ping(c: &Client) {
+    c.conn
+        .call_method(
+            Some(proto::BUS_NAME),
+            proto::MANAGER_PATH,
+            Some("org.freedesktop.DBus.Peer"),
+            "Ping",
+            &(),
+        )
+        .await
+        .expect("Ping");
+}
+
+/// Interleaved Ping and Acquire+Release rounds; (ping p50, acquire p50).
+async fn ping_vs_acquire(c: &Client, label: &str, n: usize) -> f64 {
+    let host = c.add_host(&format!("pinged-{label}")).await;
+    let object = c.object(&host).await;
+    for _ in 0..1_000 {
+        ping(c).await;
+        drop(object.acquire("warm-up", none()).await.expect("acquire"));
+    }
+    let mut pings = Samples(Vec::with_capacity(n));
+    let mut refs = Samples(Vec::with_capacity(n));
+    for _ in 0..n / 500 {
+        for _ in 0..500 {
+            let t = Instant::now();
+            ping(c).await;
+            pings.0.push(t.elapsed());
+        }
+        for _ in 0..500 {
+            let t = Instant::now();
+            drop(object.acquire("bench", none()).await.expect("acquire"));
+            refs.0.push(t.elapsed());
+        }
+    }
+    let (p, _) = pings.row(&format!("{label}: Peer.Ping"));
+    let (a, _) = refs.row(&format!("{label}: Acquire + close"));
+    let ratio = a.as_secs_f64() / p.as_secs_f64();
+    println!("{label}: ratio p50 {ratio:.2}x");
+    let _ = c.remove(&host, none()).await;
+    ratio
+}
+
+/// A python process in a mount namespace of its own (util-linux unshare,
+/// private propagation) that mounts tmpfs at will, driven by lines on its
+/// stdin: `N` mounts N tmpfs and keeps them; `storm` mounts and unmounts
+/// one tmpfs until told `stop`, then prints the pairs done.
+const MOUNTER: &str = r#"
+import ctypes, os, sys, threading
+libc = ctypes.CDLL(None, use_errno=True)
+base = sys.argv[1]
+def mount(path):
+    if libc.mount(b"none", path.encode(), b"tmpfs", 0, b"size=64k") != 0:
+        raise OSError(ctypes.get_errno(), "mount " + path)
+def umount(path):
+    if libc.umount2(path.encode(), 0) != 0:
+        raise OSError(ctypes.get_errno(), "umount " + path)
+stop = threading.Event()
+pairs = [0]
+def storm():
+    d = os.path.join(base, "storm"); os.makedirs(d, exist_ok=True)
+    while not stop.is_set():
+        mount(d); umount(d); pairs[0] += 1
+print("ready", flush=True)
+for line in sys.stdin:
+    word = line.strip()
+    if word.isdigit():
+        for i in range(int(word)):
+            d = os.path.join(base, "m%d" % i); os.makedirs(d, exist_ok=True); mount(d)
+        print("mounted", flush=True)
+    elif word == "storm":
+        stop.clear(); pairs[0] = 0
+        t = threading.Thread(target=storm); t.start()
+        print("storming", flush=True)
+    elif word == "stop":
+        stop.set(); t.join()
+        print(pairs[0], flush=True)
+"#;
+
+struct Mounter {
+    child: std::process::Child,
+    out: BufReader<std::process::ChildStdout>,
+}
+
+impl Mounter {
+    fn start(dir: &TempDir) -> Mounter {
+        let mut child = Command::new("unshare")
+            .args([
+                "-m",
+                "--propagation",
+                "private",
+                "/usr/bin/python3",
+                "-c",
+                MOUNTER,
+            ])
+            .arg(&dir.0)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("unshare + python3");
+        let out = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut m = Mounter { child, out };
+        assert_eq!(m.line(), "ready");
+        m
+    }
+
+    fn say(&mut self, word: &str) -> String {
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        writeln!(stdin, "{word}").expect("tell the mounter");
+        stdin.flush().expect("flush");
+        self.line()
+    }
+
+    fn line(&mut self) -> String {
+        let mut line = String::new();
+        self.out.read_line(&mut line).expect("the mounter's answer");
+        line.trim().to_owned()
+    }
+}
+
+impl Drop for Mounter {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn storm(n: usize) {
+    let bus = TestBus::start();
+    let daemon = daemon(&bus);
+    let pid = daemon.child.id();
+    let c = Client::connect(&bus.address).await;
+    println!("-- Acquire+Release vs Ping while devmgrd follows the kernel's users ({n} each)");
+    let baseline = ping_vs_acquire(&c, "no extra mounts", n).await;
+    let dir = TempDir::unique("storm");
+    std::fs::create_dir_all(&dir.0).expect("dir");
+    let mut mounter = Mounter::start(&dir);
+    let t = Instant::now();
+    assert_eq!(mounter.say("1000"), "mounted");
+    println!(
+        "1,000 tmpfs mounted in a namespace of their own in {:?}",
+        t.elapsed()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let present = ping_vs_acquire(&c, "1,000 mounts present", n).await;
+    let (cpu0, t0) = (cpu_of(pid), Instant::now());
+    assert_eq!(mounter.say("storm"), "storming");
+    let during = ping_vs_acquire(&c, "during a mount+umount storm", n).await;
+    let pairs: u64 = mounter.say("stop").parse().expect("pairs");
+    let (cpu, took) = (cpu_of(pid) - cpu0, t0.elapsed());
+    println!(
+        "storm: {pairs} mount+umount pairs in {took:.2?} ({:.0}/s) beside 1,000 mounts; \
+         devmgrd used {cpu:.2?} of CPU ({:.0}% of one core, {:.1} µs per pair)",
+        pairs as f64 / took.as_secs_f64(),
+        100.0 * cpu.as_secs_f64() / took.as_secs_f64(),
+        cpu.as_secs_f64() * 1e6 / pairs.max(1) as f64
+    );
+    println!(
+        "ratios: {baseline:.2}x alone, {present:.2}x with 1,000 mounts, {during:.2}x in the storm"
+    );
+}
+
+async fn idle(seconds: u64) {
+    let _one = disks::exclusive();
+    let bus = TestBus::start();
+    let daemon = daemon(&bus);
+    let pid = daemon.child.id();
+    let c = Client::connect(&bus.address).await;
+    let mut disk = LoopDisk::create("idle", 64);
+    disk.mkfs(&disk.node());
+    let at = disk.mount_point("mnt");
+    disk.mount(&disk.node(), &at);
+    let path = c.appears(&disk.name()).await;
+    eventually("the mount in Holders", || async {
+        c.ref_count(&path).await == Some(1)
+    })
+    .await;
+    let (outcome, _) = c.remove(&path, none()).await.expect("remove");
+    assert_eq!(outcome, "pending");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (cpu0, sw0, t0) = (cpu_of(pid), switches_of(pid), Instant::now());
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let (cpu, sw) = (cpu_of(pid) - cpu0, switches_of(pid) - sw0);
+    println!(
+        "-- a removal pending on a mounted loop device, idle for {:.0?}: devmgrd used {cpu:?} of CPU, {sw} context switches",
+        t0.elapsed()
+    );
+    assert_eq!(c.state(&path).await.as_deref(), Some("removing"));
+    disk.umount(&at);
+}
+
+/// The kernel's own teardown of a backed, unused loop device, without
+/// devmgrd: LOOP_CLR_FD, close, then LOOP_CTL_REMOVE (what devmgrd does).
+fn kernel_teardown(rounds: usize, image: &std::path::Path) -> Samples {
+    let script = r#"
+import fcntl, os, sys, time
+n, image = int(sys.argv[1]), sys.argv[2]
+ctl = os.open("/dev/loop-control", os.O_RDWR)
+fcntl.ioctl(ctl, 0x4C80, n)
+for _ in range(int(sys.argv[3])):
+    backing = os.open(image, os.O_RDWR)
+    dev = os.open("/dev/loop%d" % n, os.O_RDWR)
+    fcntl.ioctl(dev, 0x4C00, backing)  # LOOP_SET_FD
+    os.close(backing); os.close(dev)
+    t = time.monotonic_ns()
+    dev = os.open("/dev/loop%d" % n, os.O_RDONLY | os.O_EXCL)
+    fcntl.ioctl(dev, 0x4C01)  # LOOP_CLR_FD
+    os.close(dev)
+    for attempt in range(1000):
+        try:
+            fcntl.ioctl(ctl, 0x4C81, n); break  # LOOP_CTL_REMOVE
+        except OSError as e:
+            if e.errno != 16: raise
+            time.sleep(0.001)
+    print(time.monotonic_ns() - t, flush=True)
+    fcntl.ioctl(ctl, 0x4C80, n)
+fcntl.ioctl(ctl, 0x4C81, n)
+"#;
+    let number = 39_000 + std::process::id() % 1000;
+    let out = disks::run(
+        "/usr/bin/python3",
+        &[
+            "-c",
+            script,
+            &number.to_string(),
+            &image.to_string_lossy(),
+            &rounds.to_string(),
+        ],
+    );
+    Samples(
+        out.lines()
+            .filter_map(|l| l.parse::<u64>().ok())
+            .map(Duration::from_nanos)
+            .collect(),
+    )
+}
+
+async fn umount(rounds: usize) {
+    let _one = disks::exclusive();
+    let bus = TestBus::start();
+    let _daemon = daemon(&bus);
+    let c = Client::connect(&bus.address).await;
+    let rule = zbus::MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .sender(proto::BUS_NAME)
+        .build()
+        .expect("match rule");
+    let mut signals = zbus::MessageStream::for_match_rule(rule, &c.conn, None)
+        .await
+        .expect("signals");
+    let mut unheld = Samples(Vec::new());
+    let mut completed = Samples(Vec::new());
+    let template = LoopDisk::create("umount-fs", 16);
+    template.mkfs(&template.node());
+    let image = template.dir.0.join("disk.img");
+    drop(template);
+    for round in 0..rounds {
+        let mut disk = LoopDisk::create(&format!("umount-{round}"), 1);
+        std::fs::copy(&image, disk.dir.0.join("disk.img")).expect("copy the filesystem");
+        disks::run("losetup", &["-c", &disk.node().to_string_lossy()]);
+        let at = disk.mount_point("mnt");
+        disk.mount(&disk.node(), &at);
+        let path = c.appears(&disk.name()).await;
+        eventually("the mount in Holders", || async {
+            c.ref_count(&path).await == Some(1)
+        })
+        .await;
+        let (outcome, _) = c.remove(&path, none()).await.expect("remove");
+        assert_eq!(outcome, "pending");
+        while let Some(Some(_)) = signals.next().now_or_never() {}
+        disk.umount(&at);
+        let t = Instant::now();
+        let mut seen_unheld = None;
+        loop {
+            let msg = tokio::time::timeout(Duration::from_secs(10), signals.next())
+                .await
+                .expect("a signal within 10 s")
+                .expect("stream")
+                .expect("message");
+            let header = msg.header();
+            let member = header.member().map(|m| m.to_string()).unwrap_or_default();
+            let ours = header.path().is_some_and(|p| p.as_str() == path.as_str());
+            if member == "PropertiesChanged" && ours && seen_unheld.is_none() {
+                let (_, changed, _): (
+                    String,
+                    std::collections::HashMap<String, zbus::OwnedVariant>,
+                    Vec<String>,
+                ) = msg.body().deserialize().expect("body");
+                if changed.get("RefCount").and_then(|v| u32::try_from(v).ok()) == Some(0) {
+                    seen_unheld = Some(t.elapsed());
+                }
+            }
+            if member == "RemovalCompleted" {
+                let (object, _, _): (zbus::OwnedObjectPath, String, String) =
+                    msg.body().deserialize().expect("body");
+                if object == path {
+                    break;
+                }
+            }
+        }
+        completed.0.push(t.elapsed());
+        unheld.0.push(seen_unheld.unwrap_or_default());
+    }
+    println!("-- umount of a mounted loop device with its removal pending ({rounds} rounds)");
+    unheld.row("umount -> RefCount 0 (the mount left Holders)");
+    completed.row("umount -> RemovalCompleted (device removed for real)");
+    let mut kernel = kernel_teardown(rounds, &image);
+    kernel.row("kernel alone: LOOP_CLR_FD + LOOP_CTL_REMOVE (no devmgrd)");
+}
+
+fn main() {
+    let wanted = bench_sections();
+    let n: usize = std::env::var("PING_ROUNDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(10_000);
+    let seconds: u64 = std::env::var("IDLE_SECONDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(60);
+    let rounds: usize = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(100);
+    let rt = bench_runtime();
+    if wanted("storm") {
+        rt.block_on(storm(n));
+    }
+    if wanted("umount") {
+        rt.block_on(umount(rounds));
+    }
+    if wanted("idle") {
+        rt.block_on(idle(seconds));
+    }
+}
