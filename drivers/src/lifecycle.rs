@@ -339,11 +339,13 @@ impl Model {
             // As the cascade would have met it and what its driver scanned
             // with it (found by the fuzzer: a host bound at creation),
             // children first.
+            self.walking = Some(req);
             for (k, kid) in self.post_order(key) {
                 if self.alive(k, kid) {
                     self.cascade_step(k, req, root);
                 }
             }
+            self.walking = None;
         }
         // One that does not ride keeps a riding parent busy (found by the
         // fuzzer: a child under a partition whose disk's driver acted).
@@ -798,9 +800,6 @@ impl Model {
                 false
             }
             Exit::WithParent => {
-                // Its parent is part of the same removal (a removal of a
-                // rider alone is refused up front), though within a cascade
-                // it is marked only after its children.
                 let parent = self.obj(key).parent;
                 if parent == NONE {
                     let why = format!(
@@ -826,6 +825,19 @@ impl Model {
                         self.fail_exit(key, why);
                         return false;
                     }
+                }
+                // Its parent is part of the same removal — or is about to
+                // be: a cascade meets children before their parent. Outside
+                // one, a parent that is not being removed (its removal
+                // failed; found by the fuzzer) keeps this too.
+                if self.obj(parent).removal.is_none() && self.walking != Some(req) {
+                    let why = format!(
+                        "not removed: the kernel removes {} only with {}, which is not being removed",
+                        self.describe(key),
+                        self.describe(parent)
+                    );
+                    self.fail_exit(key, why);
+                    return false;
                 }
                 self.change_state(key, |o| {
                     o.removal = Some(req);
@@ -955,6 +967,17 @@ impl Model {
         });
         if let Some(req) = was_root {
             self.drop_request(req);
+            // What below it still waited on this removal (a user appeared
+            // while the driver acted; found by the fuzzer) waits on what
+            // still covers it, or comes back. Parents first.
+            let mut below = self.post_order(key);
+            below.reverse();
+            for (k, kid) in below.into_iter().skip(1) {
+                let o = self.obj(k);
+                if self.alive(k, kid) && o.removal == Some(req) && !o.exiting {
+                    self.requalify_removal(k);
+                }
+            }
         }
         self.release_scanned(key);
         self.set_error(key, error);
@@ -1310,6 +1333,7 @@ impl Model {
             .filter(|&k| k != NONE)
             .map(|k| (k, self.obj(k).id))
             .collect();
+        self.walking = Some(req);
         if self.obj(key).kind == Kind::Driver {
             self.remove_driver(key, req);
         } else {
@@ -1319,6 +1343,7 @@ impl Model {
                 }
             }
         }
+        self.walking = None;
         if !self.contains(id) {
             self.deferred.extend(above);
         }

@@ -283,6 +283,9 @@ pub struct Model {
     /// went); settled at its end, since settling mid-walk could change an
     /// object the walk has yet to visit.
     pub(crate) deferred: Vec<(Key, ObjectId)>,
+    /// The removal whose cascade is walking the tree right now, if any: a
+    /// partition met there rides on its parent, which the walk marks next.
+    pub(crate) walking: Option<RequestId>,
     /// Most references one holder (by [`Holder::key`]) may have, if limited.
     pub(crate) reference_quota: Option<u32>,
     /// References per holder key; kept only while a quota is set, so the
@@ -326,6 +329,7 @@ impl Model {
             events: Vec::new(),
             effects: Vec::new(),
             deferred: Vec::new(),
+            walking: None,
             reference_quota: None,
             held_by: FxHashMap::default(),
             object_limit: None,
