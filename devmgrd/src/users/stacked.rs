@@ -5,10 +5,61 @@
 //! uevent of the stacked device when any of it changes, which is when the
 //! watcher reads them again.
 
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+
+use drivers::ObjectId;
 
 use super::processes::block_device;
 use super::DevNum;
+
+/// What `holders/` lists for each followed device, and the reverse (which
+/// devices list a stacked device), so that a uevent of one device costs
+/// what concerns it, not a pass over every device.
+#[derive(Default)]
+pub struct Stacking {
+    holders: HashMap<ObjectId, Vec<String>>,
+    listed_by: HashMap<String, BTreeSet<ObjectId>>,
+}
+
+impl Stacking {
+    /// Records what is stacked on `id`; whether that changed.
+    pub fn set(&mut self, id: ObjectId, now: Vec<String>) -> bool {
+        if self.holders.get(&id) == Some(&now) {
+            return false;
+        }
+        self.remove(id);
+        for holder in &now {
+            self.listed_by.entry(holder.clone()).or_default().insert(id);
+        }
+        if !now.is_empty() {
+            self.holders.insert(id, now);
+        }
+        true
+    }
+
+    /// `id` is no longer followed.
+    pub fn remove(&mut self, id: ObjectId) {
+        for holder in self.holders.remove(&id).unwrap_or_default() {
+            if let Some(ids) = self.listed_by.get_mut(&holder) {
+                ids.remove(&id);
+                if ids.is_empty() {
+                    self.listed_by.remove(&holder);
+                }
+            }
+        }
+    }
+
+    /// What is stacked on `id`.
+    pub fn of(&self, id: ObjectId) -> &[String] {
+        self.holders.get(&id).map_or(&[], Vec::as_slice)
+    }
+
+    /// The devices on which `holder` is stacked.
+    pub fn listing(&self, holder: &str) -> impl Iterator<Item = ObjectId> + '_ {
+        self.listed_by.get(holder).into_iter().flatten().copied()
+    }
+}
 
 /// `/sys/class/block/<name>` under `root`.
 fn class_block(root: &Path, name: &str) -> PathBuf {

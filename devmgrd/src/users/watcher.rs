@@ -79,7 +79,19 @@ pub fn spawn(sysfs_root: PathBuf, updates: UnboundedSender<Update>) -> Result<Ha
     let thread_wake = Arc::clone(&wake);
     std::thread::Builder::new()
         .name("kernel-users".into())
-        .spawn(move || Watcher::new(sysfs_root, updates, rx, thread_wake).run())
+        .spawn(move || {
+            let watched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                Watcher::new(sysfs_root, updates, rx, thread_wake).run()
+            }));
+            if watched.is_err() {
+                // A bug, not an input: say so. Real removals stay safe (their
+                // claims), but kernel users are no longer followed.
+                tracing::error!(
+                    "the kernel users watcher failed: the kernel's users of real devices \
+                     are no longer followed until devmgrd restarts"
+                );
+            }
+        })
         .map_err(|e| format!("cannot start the kernel users watcher: {e}"))?;
     Ok(Handle { commands, wake })
 }
@@ -103,8 +115,10 @@ struct Watcher {
     swaps: Option<File>,
     /// Swap areas: path, and the device it is if it is one.
     swap_areas: Vec<(String, Option<DevNum>)>,
+    /// The followed devices by kernel name.
+    by_name: HashMap<String, BTreeSet<ObjectId>>,
     /// What `holders/` lists, per followed device.
-    stacked: HashMap<ObjectId, Vec<String>>,
+    stacked: stacked::Stacking,
     /// Loop devices backed by a device node: loop name → that device.
     backed: HashMap<String, DevNum>,
     processes: Processes,
@@ -175,7 +189,8 @@ impl Watcher {
             namespaces: Namespaces::start(own),
             swaps,
             swap_areas: Vec::new(),
-            stacked: HashMap::new(),
+            by_name: HashMap::new(),
+            stacked: stacked::Stacking::default(),
             backed: HashMap::new(),
             processes: Processes::new(own),
             connector,
@@ -317,8 +332,12 @@ impl Watcher {
                 self.processes.watch_node(&device.node);
                 self.to_scan.insert(device.dev);
                 self.by_dev.entry(device.dev).or_default().insert(id);
+                self.by_name
+                    .entry(device.name.clone())
+                    .or_default()
+                    .insert(id);
                 self.stacked
-                    .insert(id, stacked::holders_of(&self.root, &device.name));
+                    .set(id, stacked::holders_of(&self.root, &device.name));
                 let name = device.name.clone();
                 self.devices.insert(id, device);
                 dirty_ids.insert(id);
@@ -336,9 +355,10 @@ impl Watcher {
                         self.processes.forget(device.dev);
                     }
                 }
-                self.stacked.remove(&id);
+                self.stacked.remove(id);
                 self.reported.remove(&id);
                 let name = device.name;
+                self.forget_name(&name, id);
                 if let Some(dev) = self.backed.remove(&name) {
                     dirty.insert(dev);
                 }
@@ -347,8 +367,10 @@ impl Watcher {
                 if let Some(device) = self.devices.get_mut(&id) {
                     self.processes.unwatch_node(&device.node);
                     device.node = PathBuf::from("/dev").join(&name);
-                    device.name = name;
+                    let old = std::mem::replace(&mut device.name, name.clone());
                     self.processes.watch_node(&device.node);
+                    self.forget_name(&old, id);
+                    self.by_name.entry(name).or_default().insert(id);
                 }
             }
             Command::Uevent { name } => self.restack(&name, dirty_ids),
@@ -362,7 +384,7 @@ impl Watcher {
                         devs.insert(d.dev);
                         let name = d.name.clone();
                         self.stacked
-                            .insert(*id, stacked::holders_of(&self.root, &name));
+                            .set(*id, stacked::holders_of(&self.root, &name));
                     }
                     dirty_ids.insert(*id);
                 }
@@ -379,28 +401,22 @@ impl Watcher {
     /// Device `name` had a uevent (or appeared): re-reads what is stacked on
     /// it, on what it is stacked, and what a loop device is backed by.
     fn restack(&mut self, name: &str, dirty_ids: &mut HashSet<ObjectId>) {
-        let mut names: BTreeSet<String> =
-            stacked::slaves_of(&self.root, name).into_iter().collect();
-        names.insert(name.to_owned());
-        // Devices that listed it: the link goes when it is torn down.
-        for (id, holders) in &self.stacked {
-            if holders.iter().any(|h| h == name) {
-                if let Some(d) = self.devices.get(id) {
-                    names.insert(d.name.clone());
-                }
-            }
-        }
-        let ids: Vec<ObjectId> = self
-            .devices
+        // It, what it is built on, and the devices that listed it (the
+        // link goes when it is torn down).
+        let mut ids: BTreeSet<ObjectId> = self.stacked.listing(name).collect();
+        for n in stacked::slaves_of(&self.root, name)
             .iter()
-            .filter(|(_, d)| names.contains(&d.name))
-            .map(|(id, _)| *id)
-            .collect();
+            .map(String::as_str)
+            .chain([name])
+        {
+            ids.extend(self.by_name.get(n).into_iter().flatten().copied());
+        }
         for id in ids {
-            let name = self.devices[&id].name.clone();
-            let now = stacked::holders_of(&self.root, &name);
-            if self.stacked.get(&id) != Some(&now) {
-                self.stacked.insert(id, now);
+            let Some(device) = self.devices.get(&id) else {
+                continue;
+            };
+            let now = stacked::holders_of(&self.root, &device.name);
+            if self.stacked.set(id, now) {
                 dirty_ids.insert(id);
             }
         }
@@ -414,6 +430,15 @@ impl Watcher {
                 for dev in [before, now].into_iter().flatten() {
                     dirty_ids.extend(self.by_dev.get(&dev).into_iter().flatten().copied());
                 }
+            }
+        }
+    }
+
+    fn forget_name(&mut self, name: &str, id: ObjectId) {
+        if let Some(ids) = self.by_name.get_mut(name) {
+            ids.remove(&id);
+            if ids.is_empty() {
+                self.by_name.remove(name);
             }
         }
     }
@@ -522,14 +547,7 @@ impl Watcher {
             .iter()
             .filter(|(_, d)| **d == dev)
             .map(|(name, _)| name.clone());
-        let holders: BTreeSet<String> = self
-            .stacked
-            .get(&id)
-            .into_iter()
-            .flatten()
-            .cloned()
-            .chain(loops)
-            .collect();
+        let holders: BTreeSet<String> = self.stacked.of(id).iter().cloned().chain(loops).collect();
         for holder in holders {
             let reason = printable(format!(
                 "held by {}",
