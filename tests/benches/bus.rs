@@ -12,46 +12,6 @@ use std::time::{Duration, Instant};
 use devmgr_tests::*;
 use zbus::{OwnedObjectPath, Variant};
 
-/// Latency samples of one measurement.
-struct Samples(Vec<Duration>);
-
-impl Samples {
-    fn percentile(&mut self, p: f64) -> Duration {
-        self.0.sort_unstable();
-        let at = ((self.0.len() as f64 - 1.0) * p).round() as usize;
-        self.0[at]
-    }
-
-    fn mean(&self) -> Duration {
-        self.0.iter().sum::<Duration>() / u32::try_from(self.0.len()).unwrap_or(u32::MAX)
-    }
-
-    fn row(&mut self, what: &str) -> (Duration, Duration) {
-        let (p50, p99) = (self.percentile(0.50), self.percentile(0.99));
-        println!(
-            "{what:<52} n={:<6} mean {:>9.1?}  p50 {:>9.1?}  p99 {:>9.1?}",
-            self.0.len(),
-            self.mean(),
-            p50,
-            p99
-        );
-        (p50, p99)
-    }
-}
-
-async fn ping(c: &Client) {
-    c.conn
-        .call_method(
-            Some(proto::BUS_NAME),
-            proto::MANAGER_PATH,
-            Some("org.freedesktop.DBus.Peer"),
-            "Ping",
-            &(),
-        )
-        .await
-        .expect("Ping");
-}
-
 /// Acquire+Release vs Peer.Ping on one connection (target ≤ 1.3×).
 async fn ping_vs_acquire(bus: &TestBus) {
     const N: usize = 20_000;

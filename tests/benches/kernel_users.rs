@@ -20,26 +20,6 @@ use devmgr_tests::disks::{self, LoopDisk};
 use devmgr_tests::*;
 use futures_util::{FutureExt, StreamExt};
 
-struct Samples(Vec<Duration>);
-
-impl Samples {
-    fn percentile(&mut self, p: f64) -> Duration {
-        self.0.sort_unstable();
-        let at = ((self.0.len() as f64 - 1.0) * p).round() as usize;
-        self.0[at]
-    }
-
-    fn row(&mut self, what: &str) -> (Duration, Duration) {
-        let (p50, p99) = (self.percentile(0.50), self.percentile(0.99));
-        let max = self.percentile(1.0);
-        println!(
-            "{what:<56} n={:<5} p50 {p50:>9.2?}  p99 {p99:>9.2?}  max {max:>9.2?}",
-            self.0.len()
-        );
-        (p50, p99)
-    }
-}
-
 /// CPU time devmgrd has used, all threads (from schedstat, in ns).
 fn cpu_of(pid: u32) -> Duration {
     let mut total = 0u64;
@@ -77,19 +57,6 @@ fn switches_of(pid: u32) -> u64 {
 
 fn daemon(bus: &TestBus) -> Daemon {
     Daemon::start_with_args(bus, &["--udev-source", "kernel", "--subsystems", "block"])
-}
-
-async fn ping(c: &Client) {
-    c.conn
-        .call_method(
-            Some(proto::BUS_NAME),
-            proto::MANAGER_PATH,
-            Some("org.freedesktop.DBus.Peer"),
-            "Ping",
-            &(),
-        )
-        .await
-        .expect("Ping");
 }
 
 /// Interleaved Ping and Acquire+Release rounds; (ping p50, acquire p50).
@@ -241,13 +208,13 @@ async fn storm(n: usize) {
     );
 }
 
-async fn idle(seconds: u64) {
-    let _one = disks::exclusive();
-    let bus = TestBus::start();
-    let daemon = daemon(&bus);
-    let pid = daemon.child.id();
-    let c = Client::connect(&bus.address).await;
-    let mut disk = LoopDisk::create("idle", 64);
+/// A loop device with ext4 mounted, the mount among its holders in
+/// devmgrd, and its removal pending: the disk, the mount point, the object.
+async fn mounted_and_pending(
+    c: &Client,
+    tag: &str,
+) -> (LoopDisk, std::path::PathBuf, zbus::OwnedObjectPath) {
+    let mut disk = LoopDisk::create(tag, 16);
     disk.mkfs(&disk.node());
     let at = disk.mount_point("mnt");
     disk.mount(&disk.node(), &at);
@@ -258,6 +225,16 @@ async fn idle(seconds: u64) {
     .await;
     let (outcome, _) = c.remove(&path, none()).await.expect("remove");
     assert_eq!(outcome, "pending");
+    (disk, at, path)
+}
+
+async fn idle(seconds: u64) {
+    let _one = disks::exclusive();
+    let bus = TestBus::start();
+    let daemon = daemon(&bus);
+    let pid = daemon.child.id();
+    let c = Client::connect(&bus.address).await;
+    let (mut disk, at, path) = mounted_and_pending(&c, "idle").await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (cpu0, sw0, t0) = (cpu_of(pid), switches_of(pid), Instant::now());
     tokio::time::sleep(Duration::from_secs(seconds)).await;
@@ -331,23 +308,8 @@ async fn umount(rounds: usize) {
         .expect("signals");
     let mut unheld = Samples(Vec::new());
     let mut completed = Samples(Vec::new());
-    let template = LoopDisk::create("umount-fs", 16);
-    template.mkfs(&template.node());
-    let image = template.dir.0.join("disk.img");
-    drop(template);
     for round in 0..rounds {
-        let mut disk = LoopDisk::create(&format!("umount-{round}"), 1);
-        std::fs::copy(&image, disk.dir.0.join("disk.img")).expect("copy the filesystem");
-        disks::run("losetup", &["-c", &disk.node().to_string_lossy()]);
-        let at = disk.mount_point("mnt");
-        disk.mount(&disk.node(), &at);
-        let path = c.appears(&disk.name()).await;
-        eventually("the mount in Holders", || async {
-            c.ref_count(&path).await == Some(1)
-        })
-        .await;
-        let (outcome, _) = c.remove(&path, none()).await.expect("remove");
-        assert_eq!(outcome, "pending");
+        let (mut disk, at, path) = mounted_and_pending(&c, &format!("umount-{round}")).await;
         while let Some(Some(_)) = signals.next().now_or_never() {}
         disk.umount(&at);
         let t = Instant::now();
@@ -383,10 +345,24 @@ async fn umount(rounds: usize) {
         unheld.0.push(seen_unheld.unwrap_or_default());
     }
     println!("-- umount of a mounted loop device with its removal pending ({rounds} rounds)");
-    unheld.row("umount -> RefCount 0 (the mount left Holders)");
-    completed.row("umount -> RemovalCompleted (device removed for real)");
+    let images = TempDir::unique("teardown");
+    std::fs::create_dir_all(&images.0).expect("dir");
+    let image = images.0.join("disk.img");
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(16 << 20))
+        .expect("image");
     let mut kernel = kernel_teardown(rounds, &image);
-    kernel.row("kernel alone: LOOP_CLR_FD + LOOP_CTL_REMOVE (no devmgrd)");
+    for (what, samples) in [
+        ("umount -> RefCount 0 (the mount left Holders)", &mut unheld),
+        (
+            "umount -> RemovalCompleted (removed for real)",
+            &mut completed,
+        ),
+        ("kernel alone: LOOP_CLR_FD + LOOP_CTL_REMOVE", &mut kernel),
+    ] {
+        samples.row(what);
+        println!("{:<52} max {:?}", "", samples.percentile(1.0));
+    }
 }
 
 fn main() {

@@ -36,8 +36,9 @@ pub fn exclusive() -> Exclusive {
     Exclusive { _lock: file }
 }
 
-const LOOP_CTL_ADD: u32 = 0x4C80;
-const LOOP_CTL_REMOVE: u32 = 0x4C81;
+/// The loop-control requests.
+pub const LOOP_CTL_ADD: u32 = 0x4C80;
+pub const LOOP_CTL_REMOVE: u32 = 0x4C81;
 
 /// LOOP_CTL_ADD / LOOP_CTL_REMOVE through python3 (the tests have no
 /// unsafe code); EBUSY (udevd probing) is retried for 5 s.

@@ -104,6 +104,89 @@ where
     );
 }
 
+/// Asks udevd for a reply: its control socket outlives a killed udevd, so
+/// the file alone says nothing. Panics (never skips) without one.
+pub fn require_udevd() {
+    let answered = Command::new("udevadm")
+        .args(["control", "--ping", "--timeout=5"])
+        .status()
+        .is_ok_and(|status| status.success());
+    assert!(
+        answered,
+        "the udev source needs a running systemd-udevd, and none answers \
+         `udevadm control --ping` (package udev; .ci/deps starts it)"
+    );
+}
+
+/// devmgrd replaying the FIFO `events` made in `dir` (with `extra`
+/// arguments), and the FIFO's write end: opening it waits for the daemon
+/// to open its end.
+pub fn replaying(dir: &TempDir, extra: &[&str]) -> (TestBus, Daemon, std::fs::File) {
+    let fifo = events_fifo(dir);
+    let bus = TestBus::start();
+    let fifo_arg = fifo.to_string_lossy().into_owned();
+    let mut args = vec!["--replay", fifo_arg.as_str()];
+    args.extend_from_slice(extra);
+    let daemon = Daemon::start_with_args(&bus, &args);
+    let events = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fifo)
+        .expect("open the FIFO");
+    (bus, daemon, events)
+}
+
+/// Writes `text` into a replay FIFO.
+pub fn feed(events: &mut std::fs::File, text: &str) {
+    use std::io::Write;
+    events.write_all(text.as_bytes()).expect("write events");
+    events.flush().expect("flush");
+}
+
+/// Latency samples of one benchmark measurement.
+pub struct Samples(pub Vec<Duration>);
+
+impl Samples {
+    /// The `p`-quantile (0 to 1) of the samples.
+    pub fn percentile(&mut self, p: f64) -> Duration {
+        self.0.sort_unstable();
+        let at = ((self.0.len() as f64 - 1.0) * p).round() as usize;
+        self.0[at]
+    }
+
+    /// Their mean.
+    pub fn mean(&self) -> Duration {
+        self.0.iter().sum::<Duration>() / u32::try_from(self.0.len()).unwrap_or(u32::MAX)
+    }
+
+    /// Prints a row (n, mean, p50, p99); returns (p50, p99).
+    pub fn row(&mut self, what: &str) -> (Duration, Duration) {
+        let (p50, p99) = (self.percentile(0.50), self.percentile(0.99));
+        println!(
+            "{what:<52} n={:<6} mean {:>9.1?}  p50 {:>9.1?}  p99 {:>9.1?}",
+            self.0.len(),
+            self.mean(),
+            p50,
+            p99
+        );
+        (p50, p99)
+    }
+}
+
+/// A Peer.Ping round trip to devmgrd (the benchmarks' baseline: a call the
+/// daemon does nothing for).
+pub async fn ping(c: &Client) {
+    c.conn
+        .call_method(
+            Some(proto::BUS_NAME),
+            proto::MANAGER_PATH,
+            Some("org.freedesktop.DBus.Peer"),
+            "Ping",
+            &(),
+        )
+        .await
+        .expect("Ping");
+}
+
 /// A workspace binary (`devmgrd`, `devctl`): `$DEVMGR_BIN_DIR/<name>`, else
 /// beside this test executable's profile directory. `cargo test --workspace`
 /// builds both before running any test; a binary older than its sources is

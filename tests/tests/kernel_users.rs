@@ -114,14 +114,7 @@ async fn a_mounted_loop_device_waits_for_its_unmount_then_goes() {
 /// The same with the udev source (CI runs systemd-udevd).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_udev_a_mounted_loop_device_waits_for_its_unmount_then_goes() {
-    let udevd = Command::new("udevadm")
-        .args(["control", "--ping", "--timeout=5"])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        udevd,
-        "this test needs a running systemd-udevd (.ci/deps starts one)"
-    );
+    require_udevd();
     mounted_until_unmounted("udev").await;
 }
 

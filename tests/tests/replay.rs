@@ -3,8 +3,6 @@
 //! FIFO so the test can act between events: the tree as sysfs has it, then
 //! a surprise removal of a held LUN (rule 8).
 
-use std::io::Write;
-
 use devmgr_tests::*;
 
 const HOST: &str = include_str!("../fixtures/scsi-host.uevents");
@@ -24,28 +22,6 @@ fn state(bus: &TestBus, obj: &str) -> Option<String> {
     let out = devctl(bus, &["--json", "show", obj]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
     v["state"].as_str().map(str::to_owned)
-}
-
-/// devmgrd replaying a FIFO in `dir` (with `extra` arguments), and the
-/// FIFO's write end: opening it waits for the daemon to open its end.
-fn replaying(dir: &TempDir, extra: &[&str]) -> (TestBus, Daemon, std::fs::File) {
-    let fifo = events_fifo(dir);
-    let bus = TestBus::start();
-    let fifo_arg = fifo.to_string_lossy().into_owned();
-    let mut args = vec!["--replay", fifo_arg.as_str()];
-    args.extend_from_slice(extra);
-    let daemon = Daemon::start_with_args(&bus, &args);
-    let events = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&fifo)
-        .expect("open the FIFO");
-    (bus, daemon, events)
-}
-
-/// Writes `text` into the replay FIFO.
-fn feed(events: &mut std::fs::File, text: &str) {
-    events.write_all(text.as_bytes()).expect("write events");
-    events.flush().expect("flush");
 }
 
 #[test]
@@ -179,8 +155,7 @@ fn removing_a_driver_bound_device_unbinds_it_and_waits_for_the_kernel() {
              SUBSYSTEM=usb\nDEVTYPE=usb_device\nDRIVER=usb\nSEQNUM={seq}\n\n"
         )
     };
-    events.write_all(block("add", 1).as_bytes()).expect("write");
-    events.flush().expect("flush");
+    feed(&mut events, &block("add", 1));
     wait_for(|| state(&bus, "1-1").is_some(), "the usb device");
     let dev: serde_json::Value =
         serde_json::from_str(&ok(&bus, &["--json", "show", "1-1"])).expect("JSON");
@@ -195,8 +170,7 @@ fn removing_a_driver_bound_device_unbinds_it_and_waits_for_the_kernel() {
     assert_eq!(state(&bus, &dev_id).as_deref(), Some("removing"));
     let mut unbind = block("unbind", 2);
     unbind = unbind.replace("DRIVER=usb\n", "");
-    events.write_all(unbind.as_bytes()).expect("write");
-    events.flush().expect("flush");
+    feed(&mut events, &unbind);
     wait_for(
         || state(&bus, &dev_id).is_none(),
         "the unbound device to be removed",
@@ -216,10 +190,7 @@ fn a_change_event_updates_the_attributes() {
              SUBSYSTEM=block\nDEVTYPE=disk\nDEVNAME=/dev/loop77\nMAJOR=7\nMINOR=77\n{extra}SEQNUM={seq}\n\n"
         )
     };
-    events
-        .write_all(block("add", 1, "").as_bytes())
-        .expect("write");
-    events.flush().expect("flush");
+    feed(&mut events, &block("add", 1, ""));
     wait_for(|| state(&bus, "loop77").is_some(), "the loop device");
     let attributes = |bus: &TestBus| -> serde_json::Value {
         serde_json::from_str::<serde_json::Value>(&ok(bus, &["--json", "show", "loop77"]))
@@ -228,10 +199,10 @@ fn a_change_event_updates_the_attributes() {
     };
     assert_eq!(attributes(&bus)["udev.DEVNAME"], "/dev/loop77");
     assert!(attributes(&bus)["udev.ID_FS_TYPE"].is_null());
-    events
-        .write_all(block("change", 2, "ID_FS_TYPE=ext4\nID_FS_LABEL=data\n").as_bytes())
-        .expect("write");
-    events.flush().expect("flush");
+    feed(
+        &mut events,
+        &block("change", 2, "ID_FS_TYPE=ext4\nID_FS_LABEL=data\n"),
+    );
     wait_for(
         || attributes(&bus)["udev.ID_FS_TYPE"] == "ext4",
         "the new attributes",

@@ -12,7 +12,7 @@
 //!   namespace devmgrd had not seen) makes the claim fail, the action is
 //!   abandoned and the removal waits for that mount, named.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -41,24 +41,10 @@ fn show(bus: &TestBus, obj: &str) -> Option<serde_json::Value> {
         .then(|| serde_json::from_slice(&out.stdout).expect("JSON"))
 }
 
-/// devmgrd replaying the FIFO `events` in `dir` with a fake sysfs at
-/// `dir`, and the FIFO's write end.
-fn replaying(dir: &TempDir) -> (TestBus, Daemon, std::fs::File) {
-    let fifo = events_fifo(dir);
-    let bus = TestBus::start();
+/// devmgrd replaying a FIFO in `dir`, with a fake sysfs at `dir`.
+fn replaying_at(dir: &TempDir) -> (TestBus, Daemon, std::fs::File) {
     let root = dir.0.to_string_lossy().into_owned();
-    let fifo_arg = fifo.to_string_lossy().into_owned();
-    let daemon = Daemon::start_with_args(&bus, &["--replay", &fifo_arg, "--sysfs-root", &root]);
-    let events = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&fifo)
-        .expect("open the FIFO");
-    (bus, daemon, events)
-}
-
-fn feed(events: &mut std::fs::File, text: &str) {
-    events.write_all(text.as_bytes()).expect("write events");
-    events.flush().expect("flush");
+    replaying(dir, &["--sysfs-root", &root])
 }
 
 /// One event in the kernel's uevent format.
@@ -140,7 +126,7 @@ fn lun_removed(lun_dir: &Path, root: &Path, disk: &str) -> String {
 #[test]
 fn the_walk_through_on_a_machine_with_real_scsi_hosts() {
     let dir = TempDir::unique("scsi-names");
-    let (bus, _daemon, mut events) = replaying(&dir);
+    let (bus, _daemon, mut events) = replaying_at(&dir);
     feed(&mut events, HOST);
     wait_for(|| show(&bus, "sdb").is_some(), "the machine's tree");
 
@@ -225,7 +211,7 @@ fn a_stacked_device_holds_its_disk_until_it_goes() {
     std::fs::create_dir_all(class.join("dm-0/slaves/sdc")).expect("fake slaves");
     std::fs::create_dir_all(class.join("dm-0/dm")).expect("fake dm");
     std::fs::write(class.join("dm-0/dm/name"), "vg0-data\n").expect("dm name");
-    let (bus, _daemon, mut events) = replaying(&dir);
+    let (bus, _daemon, mut events) = replaying_at(&dir);
     let (host, luns) = scsi_host(&root, 5, &[("sdc", (8, 32), "sdc")], false);
     feed(&mut events, &host);
     feed(
@@ -349,7 +335,7 @@ fn a_real_action_never_races_a_new_user() {
     for disk in [&first, &second] {
         disk.mkfs(&disk.node());
     }
-    let (bus, daemon, mut events) = replaying(&dir);
+    let (bus, daemon, mut events) = replaying_at(&dir);
     let (a, b) = (first.name(), second.name());
     let (host, luns) = scsi_host(
         &root,

@@ -64,34 +64,7 @@ struct Loop {
     number: u32,
 }
 
-const LOOP_CTL_ADD: u32 = 0x4C80;
-const LOOP_CTL_REMOVE: u32 = 0x4C81;
-
-fn loop_control(request: u32, number: u32) -> Result<(), String> {
-    // python3 does the ioctl, so the tests need no unsafe code.
-    let out = Command::new("/usr/bin/python3")
-        .args([
-            "-c",
-            // systemd-udevd probes a new loop device (blkid): a removal
-            // right then is EBUSY for a moment, so retry that for 5 s.
-            "import errno,fcntl,os,sys,time\n\
-             fd=os.open('/dev/loop-control', os.O_RDWR)\n\
-             for attempt in range(100):\n\
-             \x20   try: fcntl.ioctl(fd, int(sys.argv[1]), int(sys.argv[2])); break\n\
-             \x20   except OSError as e:\n\
-             \x20       if e.errno != errno.EBUSY or attempt == 99: raise\n\
-             \x20       time.sleep(0.05)",
-            &request.to_string(),
-            &number.to_string(),
-        ])
-        .output()
-        .expect("python3");
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
-}
+use devmgr_tests::disks::{loop_control, LOOP_CTL_ADD, LOOP_CTL_REMOVE};
 
 impl Loop {
     /// Creates loop device `base + pid % 1000` (numbers far above the usual 0–7).
@@ -116,20 +89,6 @@ impl Drop for Loop {
     fn drop(&mut self) {
         self.delete();
     }
-}
-
-/// Asks udevd for a reply: its control socket outlives a killed udevd, so
-/// the file alone says nothing.
-fn require_udevd() {
-    let answered = Command::new("udevadm")
-        .args(["control", "--ping", "--timeout=5"])
-        .status()
-        .is_ok_and(|status| status.success());
-    assert!(
-        answered,
-        "the udev source needs a running systemd-udevd, and none answers \
-         `udevadm control --ping` (package udev; .ci/deps starts it)"
-    );
 }
 
 async fn find(client: &Client, name: &str) -> Option<OwnedObjectPath> {
