@@ -92,9 +92,28 @@ pub fn parse_line(line: &str) -> Option<Mount> {
     })
 }
 
-/// Every well-formed line of a mountinfo file.
-pub fn parse(text: &str) -> Vec<Mount> {
-    text.lines().filter_map(parse_line).collect()
+/// The mounts of block devices only: a device number with a major (ext4,
+/// xfs…), or an anonymous one mounted from a `/dev/` path (btrfs). A
+/// machine's thousand tmpfs and overlay mounts are skipped without being
+/// parsed, so a storm of them costs little to follow.
+pub fn parse_block(text: &str) -> Vec<Mount> {
+    text.lines()
+        .filter(|line| {
+            let Some((before, after)) = line.split_once(" - ") else {
+                return false;
+            };
+            let major = before.split(' ').nth(2).and_then(|d| d.split_once(':'));
+            match major {
+                Some(("0", _)) => after
+                    .split(' ')
+                    .nth(1)
+                    .is_some_and(|s| s.starts_with("/dev/")),
+                Some(_) => true,
+                None => false,
+            }
+        })
+        .filter_map(parse_line)
+        .collect()
 }
 
 #[cfg(test)]
@@ -121,6 +140,17 @@ mod tests {
     }
 
     #[test]
+    fn only_block_devices_are_kept_by_parse_block() {
+        let text = "22 1 0:21 / /dev/shm rw - tmpfs tmpfs rw\n\
+                    36 35 7:5 / /srv rw - ext4 /dev/loop5 rw\n\
+                    37 35 0:44 / /data rw - btrfs /dev/sdb1 rw\n\
+                    38 35 0:45 / /o rw - overlay overlay rw\n\
+                    broken line\n";
+        let kept: Vec<u64> = parse_block(text).iter().map(|m| m.id).collect();
+        assert_eq!(kept, [36, 37]);
+    }
+
+    #[test]
     fn malformed_lines_are_skipped_never_a_panic() {
         for bad in [
             "",
@@ -136,7 +166,7 @@ mod tests {
             let _ = parse_line(bad);
         }
         assert_eq!(
-            parse("garbage\n22 1 0:21 / /x rw - tmpfs tmpfs rw\n").len(),
+            parse_block("garbage\n22 1 7:1 / /x rw - ext4 /dev/x rw\n").len(),
             1
         );
     }

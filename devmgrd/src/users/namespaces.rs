@@ -73,7 +73,7 @@ impl Namespace {
             return HashSet::new();
         }
         let mut resolved = HashMap::new();
-        let mounts: Vec<(Mount, DevNum)> = mountinfo::parse(&text)
+        let mounts: Vec<(Mount, DevNum)> = mountinfo::parse_block(&text)
             .into_iter()
             .map(|m| {
                 let dev = if m.dev.0 != 0 {
