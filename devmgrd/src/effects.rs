@@ -98,6 +98,7 @@ async fn carry_out(
         .filter(|d| d.whole_disk)
         .map(|d| d.node.clone())
         .collect();
+    tracing::debug!("{verb} {target}: the real removal starts");
     tokio::task::spawn_blocking(move || {
         // Held until the action is done: a mount attempted meanwhile fails.
         let claim = match claim::take(&disks) {
@@ -152,6 +153,7 @@ fn loop_remove(number: &str, claim: claim::Claim) -> Result<Completion, String> 
     let n: i32 = number
         .parse()
         .map_err(|e| format!("loop device number {number:?}: {e}"))?;
+    let started = std::time::Instant::now();
     if let Some(node) = claim.first() {
         // SAFETY: LOOP_CLR_FD takes no argument, on an fd that the claim
         // keeps open for the call.
@@ -163,6 +165,7 @@ fn loop_remove(number: &str, claim: claim::Claim) -> Result<Completion, String> 
     }
     // Unbound now, a mount of it fails (no medium) without the claim.
     drop(claim);
+    let detached = started.elapsed();
     let control = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -172,16 +175,27 @@ fn loop_remove(number: &str, claim: claim::Claim) -> Result<Completion, String> 
     // makes the kernel answer EBUSY: retry that for about a second before
     // calling the device busy (a process holding it open keeps it so).
     let mut waited = Duration::ZERO;
-    let mut pause = Duration::from_millis(2);
+    let mut pause = Duration::from_micros(500);
+    let mut tries = 1;
     loop {
         // SAFETY: LOOP_CTL_REMOVE takes its argument by value (an int, no
         // pointer), on an fd that `control` keeps open for the call.
         match unsafe { loop_ctl_remove(control.as_raw_fd(), n) } {
-            Ok(_) => return Ok(Completion::AwaitKernel),
+            Ok(_) => {
+                // What the kernel took (docs/benchmarks.md measures devmgrd's
+                // share of a removal without it).
+                tracing::debug!(
+                    "loop{n} removed by the kernel in {:?}: LOOP_CLR_FD and close {detached:?}, \
+                     LOOP_CTL_REMOVE after {tries} tries",
+                    started.elapsed()
+                );
+                return Ok(Completion::AwaitKernel);
+            }
             Err(nix::errno::Errno::EBUSY) if waited < Duration::from_secs(1) => {
                 std::thread::sleep(pause);
                 waited += pause;
-                pause = (pause * 2).min(Duration::from_millis(100));
+                tries += 1;
+                pause = (pause * 2).min(Duration::from_millis(50));
             }
             Err(nix::errno::Errno::EBUSY) => {
                 return Ok(Completion::Busy(format!(
