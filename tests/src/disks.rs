@@ -178,9 +178,9 @@ impl LoopDisk {
         self.mounts.push(at.to_owned());
     }
 
-    /// Unmounts `at`.
+    /// Unmounts `at` (umount(2), in this process).
     pub fn umount(&mut self, at: &Path) {
-        run("umount", &[&at.to_string_lossy()]);
+        nix::mount::umount(at).unwrap_or_else(|e| panic!("umount {}: {e}", at.display()));
         self.mounts.retain(|m| m != at);
     }
 
