@@ -10,9 +10,11 @@
 //! a process opening the node meanwhile is seen by the watcher, not stopped.
 
 use std::fs::File;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use crate::users::DevNum;
 
 /// Exclusive claims, held until dropped.
 pub struct Claim {
@@ -40,18 +42,21 @@ fn open_exclusive(node: &Path) -> std::io::Result<File> {
         .open(node)
 }
 
-/// Claims every node (blocking; run it off the async threads). A node that
-/// does not exist, or is not a block device, has nothing to claim: without
-/// a node nothing can be mounted from it.
-pub fn take(nodes: &[PathBuf]) -> Result<Claim, Refused> {
+/// Claims every node, each the device it is given with (blocking; run it
+/// off the async threads). A node that does not exist, or is not that
+/// block device (a stale or replayed name: another device's node), has
+/// nothing of this device to claim, and is left alone.
+pub fn take(nodes: &[(PathBuf, DevNum)]) -> Result<Claim, Refused> {
     let mut held = Vec::new();
-    for node in nodes {
-        match std::fs::metadata(node) {
-            Ok(m) if m.file_type().is_block_device() => {}
-            _ => {
-                tracing::debug!("{}: no block device node to claim", node.display());
-                continue;
-            }
+    for (node, dev) in nodes {
+        if crate::users::block_device(node) != Some(*dev) {
+            tracing::debug!(
+                "{}: no node of block device {}:{} to claim",
+                node.display(),
+                dev.0,
+                dev.1
+            );
+            continue;
         }
         let mut waited = Duration::ZERO;
         let mut pause = Duration::from_millis(5);

@@ -93,10 +93,10 @@ async fn carry_out(
         action.target.clone(),
         actuation.sysfs_root.clone(),
     );
-    let disks: Vec<PathBuf> = devices
+    let disks: Vec<(PathBuf, users::DevNum)> = devices
         .iter()
         .filter(|d| d.whole_disk)
-        .map(|d| d.node.clone())
+        .map(|d| (d.node.clone(), d.dev))
         .collect();
     tracing::debug!("{verb} {target}: the real removal starts");
     tokio::task::spawn_blocking(move || {
@@ -298,15 +298,19 @@ async fn busy(
             tracing::debug!("abandoning the action on {id}: {e}");
         }
     });
-    match watcher {
-        Some(w) => w.send(users::Command::Rescan {
-            ids: devices.iter().map(|d| d.id).collect(),
-            then,
-        }),
-        None => {
-            if let Some(handle) = owner.upgrade() {
-                let _ = handle.call(then).await;
-            }
+    let rescan = users::Command::Rescan {
+        ids: devices.iter().map(|d| d.id).collect(),
+        then,
+    };
+    // Without a watcher (none, or it failed), nobody more can be named:
+    // the removal waits for whom the model knows, or fails.
+    let unsent = match watcher {
+        Some(w) => w.try_send(rescan).err(),
+        None => Some(rescan),
+    };
+    if let Some(users::Command::Rescan { then, .. }) = unsent {
+        if let Some(handle) = owner.upgrade() {
+            let _ = handle.call(then).await;
         }
     }
 }

@@ -87,14 +87,22 @@ impl ProcConnector {
         self.socket.as_fd()
     }
 
-    /// What happened since the last call, in order.
+    /// What happened since the last call, in order: at most
+    /// `DATAGRAMS_PER_CALL` datagrams, so that a fork storm cannot keep
+    /// the watcher from its other sources (poll reports the rest).
     pub fn events(&self) -> Vec<ProcEvent> {
         let mut pids = Vec::new();
         let mut buffer = [0u8; 4096];
-        loop {
-            match rustix::net::recv(&self.socket, &mut buffer, rustix::net::RecvFlags::empty()) {
-                Ok((0, _)) => break,
-                Ok((n, _)) => pids.extend(events_in(&buffer[..n.min(buffer.len())])),
+        for _ in 0..DATAGRAMS_PER_CALL {
+            match rustix::net::recvfrom(&self.socket, &mut buffer, rustix::net::RecvFlags::empty())
+            {
+                Ok((0, _, _)) => break,
+                // Only the kernel's (port 0): any process may send a
+                // datagram to this socket.
+                Ok((n, _, Some(from))) if from_kernel(&from) => {
+                    pids.extend(events_in(&buffer[..n.min(buffer.len())]))
+                }
+                Ok(_) => continue,
                 // ENOBUFS: events were lost; a missed namespace is found at
                 // the next walk (before a claim's failure is explained).
                 Err(e) if e == rustix::io::Errno::NOBUFS => continue,
@@ -105,8 +113,17 @@ impl ProcConnector {
     }
 }
 
+/// Most datagrams read per call (each up to 4 KiB of events).
+const DATAGRAMS_PER_CALL: usize = 64;
+
+fn from_kernel(from: &rustix::net::SocketAddrAny) -> bool {
+    netlink::SocketAddrNetlink::try_from(from.clone()).is_ok_and(|a| a.pid() == 0)
+}
+
 fn u32_at(bytes: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_ne_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
+    Some(u32::from_ne_bytes(
+        bytes.get(at..at.checked_add(4)?)?.try_into().ok()?,
+    ))
 }
 
 /// A process event the watcher cares about.
@@ -124,15 +141,29 @@ fn events_in(datagram: &[u8]) -> Vec<ProcEvent> {
     let mut at = 0;
     while let Some(len) = u32_at(datagram, at) {
         let len = len as usize;
-        if len < NLMSG_HEADER || at + len > datagram.len() {
+        let Some(message) = at
+            .checked_add(len)
+            .and_then(|end| datagram.get(at..end))
+            .filter(|_| len >= NLMSG_HEADER)
+        else {
             break;
+        };
+        // Messages are 4-byte aligned.
+        at += (len + 3) & !3;
+        // struct cn_msg: id (idx, val), seq, ack, len, flags; only the
+        // process connector's.
+        let cn = NLMSG_HEADER;
+        if u32_at(message, cn) != Some(CN_IDX_PROC) || u32_at(message, cn + 4) != Some(CN_VAL_PROC)
+        {
+            continue;
         }
         // struct proc_event: what, cpu, timestamp_ns (u64), then the
         // event's data: exec (process_pid, process_tgid); fork
-        // (parent_pid, parent_tgid, child_pid, child_tgid).
-        let event = at + NLMSG_HEADER + CN_MSG_HEADER;
-        let data = |n: usize| u32_at(datagram, event + 16 + 4 * n);
-        match u32_at(datagram, event) {
+        // (parent_pid, parent_tgid, child_pid, child_tgid). Read within
+        // the message only.
+        let event = NLMSG_HEADER + CN_MSG_HEADER;
+        let data = |n: usize| u32_at(message, event + 16 + 4 * n);
+        match u32_at(message, event) {
             Some(EVENT_EXEC) => events.extend(data(1).map(ProcEvent::Exec)),
             Some(EVENT_FORK) => {
                 if let (Some(parent), Some(child_pid), Some(child)) = (data(1), data(2), data(3)) {
@@ -143,8 +174,6 @@ fn events_in(datagram: &[u8]) -> Vec<ProcEvent> {
             }
             _ => {}
         }
-        // Messages are 4-byte aligned.
-        at += (len + 3) & !3;
     }
     events
 }
@@ -158,7 +187,9 @@ mod tests {
         let len = (NLMSG_HEADER + CN_MSG_HEADER + 16 + 4 * data.len()) as u32;
         m.extend_from_slice(&len.to_ne_bytes());
         m.extend_from_slice(&[0; NLMSG_HEADER - 4]);
-        m.extend_from_slice(&[0; CN_MSG_HEADER]);
+        m.extend_from_slice(&CN_IDX_PROC.to_ne_bytes());
+        m.extend_from_slice(&CN_VAL_PROC.to_ne_bytes());
+        m.extend_from_slice(&[0; CN_MSG_HEADER - 8]);
         m.extend_from_slice(&what.to_ne_bytes());
         m.extend_from_slice(&0u32.to_ne_bytes()); // cpu
         m.extend_from_slice(&0u64.to_ne_bytes()); // timestamp
@@ -189,5 +220,16 @@ mod tests {
         assert!(events_in(&[]).is_empty());
         assert!(events_in(&[255, 255, 255, 255, 0, 0]).is_empty());
         assert!(events_in(&datagram[..30]).is_empty());
+        // Another connector's message, and one too short for its event:
+        // skipped, and nothing is read from the message after it.
+        let mut other = event(EVENT_EXEC, &[5, 5]);
+        other[NLMSG_HEADER] = 9;
+        let mut short = event(EVENT_EXEC, &[6, 6]);
+        short.truncate(NLMSG_HEADER + CN_MSG_HEADER + 4);
+        let len = short.len() as u32;
+        short[..4].copy_from_slice(&len.to_ne_bytes());
+        other.extend(short);
+        other.extend(event(EVENT_EXEC, &[7, 7]));
+        assert_eq!(events_in(&other), [ProcEvent::Exec(7)]);
     }
 }

@@ -13,9 +13,14 @@ pub fn detach(detail: &Detail) -> Result<(), String> {
         Detail::Mount {
             pid: 0,
             mount_point,
+            ..
         } => lazy_unmount(Path::new(mount_point))
             .map_err(|e| format!("umount -l {mount_point}: {e}")),
-        Detail::Mount { pid, mount_point } => in_namespace_of(*pid, mount_point),
+        Detail::Mount {
+            pid,
+            ns,
+            mount_point,
+        } => in_namespace_of(*pid, *ns, mount_point),
         Detail::Swap { path } => swap_off(path).map_err(|e| format!("swapoff {path}: {e}")),
         Detail::Other => Ok(()),
     }
@@ -25,21 +30,32 @@ fn lazy_unmount(path: &Path) -> nix::Result<()> {
     nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH)
 }
 
-/// Detaches `mount_point` as the process `pid` sees it: on a thread of its
-/// own that leaves the process's shared filesystem context (CLONE_FS), so
-/// that it alone enters `pid`'s mount namespace and root, and then ends.
-fn in_namespace_of(pid: u32, mount_point: &str) -> Result<(), String> {
+/// Detaches `mount_point` in namespace `ns` as the process `pid` sees it:
+/// on a thread of its own that leaves the process's shared filesystem
+/// context (CLONE_FS), so that it alone enters `pid`'s mount namespace and
+/// root, and then ends. Nothing is detached if `pid` is no longer in `ns`
+/// (it exited and its pid was reused, or it moved): the mount point would
+/// name another namespace's mount.
+fn in_namespace_of(pid: u32, ns: u64, mount_point: &str) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
     let path = mount_point.to_owned();
     let done = std::thread::Builder::new()
         .name("detach-mount".into())
         .spawn(move || -> Result<(), String> {
-            let ns = std::fs::File::open(format!("/proc/{pid}/ns/mnt"))
+            let entered = std::fs::File::open(format!("/proc/{pid}/ns/mnt"))
                 .map_err(|e| format!("the mount namespace of pid {pid}: {e}"))?;
             let root = std::fs::File::open(format!("/proc/{pid}/root"))
                 .map_err(|e| format!("the root of pid {pid}: {e}"))?;
+            // Checked on what is open, so it cannot change after the check.
+            let inode = entered.metadata().map(|m| m.ino()).unwrap_or(0);
+            if inode != ns {
+                return Err(format!(
+                    "pid {pid} is no longer in mount namespace {ns}: {path:?} not detached"
+                ));
+            }
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS)
                 .map_err(|e| format!("unshare(CLONE_FS): {e}"))?;
-            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNS)
+            nix::sched::setns(&entered, nix::sched::CloneFlags::CLONE_NEWNS)
                 .map_err(|e| format!("entering the mount namespace of pid {pid}: {e}"))?;
             // The mount point is as the process sees it: from its root.
             nix::unistd::fchdir(&root).map_err(|e| format!("fchdir: {e}"))?;

@@ -33,13 +33,47 @@ mod stacked;
 mod swaps;
 mod watcher;
 
-use std::path::PathBuf;
+use std::fs::File;
+use std::io::{Read, Seek};
+use std::path::{Path, PathBuf};
 
 use drivers::{KernelUse, KernelUser, ObjectId};
 
 pub use mountinfo::DevNum;
+pub use processes::block_device;
 pub use registry::Registry;
 pub use watcher::{spawn, Command, Handle, Then, Update};
+
+/// A file's text from its start, read lossily: /proc holds whatever bytes
+/// users chose (mount points, FUSE sources, process names), and no such
+/// name may make a file unreadable to the watcher.
+fn reread_lossy(file: &mut File) -> std::io::Result<String> {
+    file.rewind()?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// A file's text, read lossily (`reread_lossy`).
+fn read_lossy(path: impl AsRef<Path>) -> std::io::Result<String> {
+    reread_lossy(&mut File::open(path)?)
+}
+
+/// A path that /proc or sysfs gives (a mount's source, a swap area, a
+/// loop device's backing file) as a device node to look at: under `/dev/`
+/// and nowhere else. Such a path is whatever its mounter wrote, and looking
+/// up `/dev/../home/u/fuse/x` would go through a user's FUSE mount, whose
+/// lookups can block the watcher for good.
+fn device_node(path: &str) -> Option<&Path> {
+    let node = Path::new(path);
+    let plain = node.components().all(|c| {
+        matches!(
+            c,
+            std::path::Component::RootDir | std::path::Component::Normal(_)
+        )
+    });
+    (path.starts_with("/dev/") && plain).then_some(node)
+}
 
 /// A block device of the model that the watcher follows.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -89,6 +123,8 @@ pub struct Node {
     pub id: ObjectId,
     /// Its device node.
     pub node: PathBuf,
+    /// Its device number: a node that is another device is not claimed.
+    pub dev: DevNum,
     /// A whole disk (what is claimed), not a partition.
     pub whole_disk: bool,
 }
@@ -107,6 +143,7 @@ pub fn nodes_under(model: &drivers::Model, id: ObjectId) -> Vec<Node> {
             nodes.push(Node {
                 id: next,
                 node: device.node,
+                dev: device.dev,
                 whole_disk,
             });
         }
@@ -138,9 +175,13 @@ pub enum UserKey {
 /// How to take a user away (`detach-mounts`, rule 18).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Detail {
-    /// Lazily detach the mount at `mount_point` in the mount namespace of
-    /// `pid` (0: devmgrd's own).
-    Mount { pid: u32, mount_point: String },
+    /// Lazily detach the mount at `mount_point` in mount namespace `ns`,
+    /// entered through `pid` (0: devmgrd's own), if `pid` is still in it.
+    Mount {
+        pid: u32,
+        ns: u64,
+        mount_point: String,
+    },
     /// Turn off the swap at `path`.
     Swap { path: String },
     /// Not something devmgrd takes away.
@@ -187,4 +228,18 @@ pub struct Report {
     pub id: ObjectId,
     /// Every user it has now.
     pub users: Vec<Found>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::device_node;
+
+    #[test]
+    fn only_plain_paths_under_dev_are_looked_at() {
+        assert!(device_node("/dev/loop5").is_some());
+        assert!(device_node("/dev/mapper/vg0-data").is_some());
+        for elsewhere in ["/dev/../home/u/fuse/x", "/home/u/x", "dev/sda", "none"] {
+            assert!(device_node(elsewhere).is_none(), "{elsewhere}");
+        }
+    }
 }

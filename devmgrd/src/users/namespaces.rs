@@ -9,7 +9,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::io::{Read, Seek};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use super::mountinfo::{self, DevNum, Mount};
@@ -63,15 +62,15 @@ pub struct Namespace {
 impl Namespace {
     /// Reads the mounts again; returns the devices whose mounts changed.
     fn reread(&mut self) -> HashSet<DevNum> {
-        let mut text = String::new();
-        let read = self
-            .mountinfo
-            .rewind()
-            .and_then(|()| self.mountinfo.read_to_string(&mut text));
-        if let Err(e) = read {
-            tracing::debug!("reading the mounts of pid {}: {e}", self.rep);
-            return HashSet::new();
-        }
+        // (Lossily: a mount point or source can be any bytes, and one
+        // user's FUSE mount must not make a namespace unreadable.)
+        let text = match super::reread_lossy(&mut self.mountinfo) {
+            Ok(text) => text,
+            Err(e) => {
+                tracing::debug!("reading the mounts of pid {}: {e}", self.rep);
+                return HashSet::new();
+            }
+        };
         let mut resolved = HashMap::new();
         let mounts: Vec<(Mount, DevNum)> = mountinfo::parse_block(&text)
             .into_iter()
@@ -83,10 +82,7 @@ impl Namespace {
                     // the device is what was mounted, if it is a device.
                     let key = (m.id, m.source.clone());
                     let found = self.resolved.get(&key).copied().unwrap_or_else(|| {
-                        m.source
-                            .starts_with("/dev/")
-                            .then(|| processes::block_device(std::path::Path::new(&m.source)))
-                            .flatten()
+                        super::device_node(&m.source).and_then(processes::block_device)
                     });
                     resolved.insert(key, found);
                     found.unwrap_or(m.dev)
@@ -158,12 +154,43 @@ impl Namespaces {
     }
 
     /// A program started (the process connector's exec event): if it runs
-    /// in a namespace not followed yet, follow it.
+    /// in a namespace not followed yet, follow it. A representative that
+    /// left its namespace first (`unshare -m CMD` unshares, then execs)
+    /// stands for it no more.
     pub fn exec(&mut self, pid: u32) -> HashSet<DevNum> {
-        match ns_of(pid) {
+        let mut changed = self.representatives_moved(Some(pid));
+        // A representative that runs another program (a shell that execs
+        // the container's process): its namespace is named by that one.
+        if let Some(n) = self.list.values_mut().find(|n| n.rep == pid) {
+            if let Some(info) = processes::info(pid) {
+                if (n.comm.as_str(), n.uid) != (info.comm.as_str(), info.uid) {
+                    (n.comm, n.uid) = (info.comm, info.uid);
+                    changed.extend(n.mounts.iter().map(|(_, d)| *d));
+                }
+            }
+        }
+        changed.extend(match ns_of(pid) {
             Some(ns) if !self.list.contains_key(&ns) => self.follow(ns, pid).unwrap_or_default(),
             _ => HashSet::new(),
-        }
+        });
+        changed
+    }
+
+    /// Namespaces whose representative (`pid`'s, or any) is in another
+    /// namespace now (unshare, setns): another process takes over, or the
+    /// namespace is let go of, as when it exits.
+    pub fn representatives_moved(&mut self, pid: Option<u32>) -> HashSet<DevNum> {
+        let moved: Vec<u64> = self
+            .list
+            .iter()
+            .filter(|(_, n)| n.rep != self.own_pid && pid.is_none_or(|p| p == n.rep))
+            .filter(|(ns, n)| ns_of(n.rep) != Some(**ns))
+            .map(|(ns, _)| *ns)
+            .collect();
+        moved
+            .into_iter()
+            .flat_map(|ns| self.representative_exited(ns))
+            .collect()
     }
 
     /// Follows namespace `ns` through `pid`, if `pid` is (still) in it.
@@ -172,8 +199,7 @@ impl Namespaces {
         let pidfd = if mine {
             None
         } else {
-            let p = rustix::process::Pid::from_raw(pid as i32)?;
-            Some(rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok()?)
+            Some(processes::pidfd(pid)?)
         };
         let mountinfo = File::open(format!("/proc/{pid}/mountinfo")).ok()?;
         // The pid may have exited and been reused in between: it is the
@@ -228,8 +254,10 @@ impl Namespaces {
         for pid in others {
             if let Some(mut changed) = self.follow(ns, pid) {
                 // Its mounts may have changed meanwhile; compare with before.
-                let now: HashSet<DevNum> = self.list[&ns].mounts.iter().map(|(_, d)| *d).collect();
-                changed.extend(gone.symmetric_difference(&now));
+                if let Some(followed) = self.list.get(&ns) {
+                    let now: HashSet<DevNum> = followed.mounts.iter().map(|(_, d)| *d).collect();
+                    changed.extend(gone.symmetric_difference(&now));
+                }
                 return changed;
             }
         }

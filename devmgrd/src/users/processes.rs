@@ -20,7 +20,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -37,10 +36,12 @@ pub struct ProcInfo {
     pub uid: u32,
 }
 
-/// The process's name and uid, if it still exists.
+/// The process's name and uid, if it still exists. (A name is any bytes a
+/// process gave itself with `prctl(PR_SET_NAME)`: read lossily, so that
+/// no name hides a holder.)
 pub fn info(pid: u32) -> Option<ProcInfo> {
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let comm = std::fs::read(format!("/proc/{pid}/comm")).ok()?;
+    let status = super::read_lossy(format!("/proc/{pid}/status")).ok()?;
     let uid = status
         .lines()
         .find_map(|l| l.strip_prefix("Uid:"))
@@ -48,24 +49,38 @@ pub fn info(pid: u32) -> Option<ProcInfo> {
         .and_then(|u| u.parse().ok())
         .unwrap_or(0);
     Some(ProcInfo {
-        comm: comm.trim_end().to_owned(),
+        comm: String::from_utf8_lossy(&comm).trim_end().to_owned(),
         uid,
     })
 }
 
-/// `st_rdev` (or `st_dev`) split into (major, minor), as the kernel encodes it.
-pub fn split_rdev(rdev: u64) -> DevNum {
-    let major = ((rdev >> 32) & 0xffff_f000) | ((rdev >> 8) & 0xfff);
-    let minor = ((rdev >> 12) & 0xffff_ff00) | (rdev & 0xff);
-    (major as u32, minor as u32)
+/// What a path is, as far as the watcher needs to know.
+struct Stat {
+    block_device: bool,
+    /// The device it is, if a device node.
+    rdev: DevNum,
+    /// The device of the filesystem it is on.
+    dev: DevNum,
+}
+
+/// What a path is, from what the kernel has cached (`AT_STATX_DONT_SYNC`):
+/// a file on a FUSE or NFS filesystem whose server stopped answering —
+/// which any user can arrange — must never block the watcher. (The magic
+/// links of `/proc/PID/fd` lead to the open file with no lookup on its
+/// filesystem.)
+fn stat(path: &Path) -> Option<Stat> {
+    use rustix::fs::{AtFlags, FileType, StatxFlags, CWD};
+    let s = rustix::fs::statx(CWD, path, AtFlags::STATX_DONT_SYNC, StatxFlags::TYPE).ok()?;
+    Some(Stat {
+        block_device: FileType::from_raw_mode(s.stx_mode.into()) == FileType::BlockDevice,
+        rdev: (s.stx_rdev_major, s.stx_rdev_minor),
+        dev: (s.stx_dev_major, s.stx_dev_minor),
+    })
 }
 
 /// The block device a path is, if it is one.
 pub fn block_device(path: &Path) -> Option<DevNum> {
-    let meta = std::fs::metadata(path).ok()?;
-    meta.file_type()
-        .is_block_device()
-        .then(|| split_rdev(meta.rdev()))
+    stat(path).filter(|s| s.block_device).map(|s| s.rdev)
 }
 
 /// What one process uses: device nodes it has open, and devices on whose
@@ -83,19 +98,15 @@ fn used_by(pid: u32, nodes: &HashSet<DevNum>, files: &HashSet<DevNum>) -> Uses {
     let mut uses = Uses::default();
     let mut look = |path: &Path| {
         // stat follows the magic link to the open file without opening it.
-        let Ok(meta) = std::fs::metadata(path) else {
+        let Some(s) = stat(path) else {
             return;
         };
-        if meta.file_type().is_block_device() {
-            let dev = split_rdev(meta.rdev());
-            if nodes.contains(&dev) {
-                uses.nodes.insert(dev);
+        if s.block_device {
+            if nodes.contains(&s.rdev) {
+                uses.nodes.insert(s.rdev);
             }
-        } else if !files.is_empty() {
-            let dev = split_rdev(meta.dev());
-            if files.contains(&dev) {
-                uses.files.insert(dev);
-            }
+        } else if files.contains(&s.dev) {
+            uses.files.insert(s.dev);
         }
     };
     if let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
@@ -137,6 +148,17 @@ pub struct Processes {
     /// For devices with users nothing reports the end of: when they are
     /// checked next, and the backoff that got there.
     recheck: HashMap<DevNum, (Instant, Duration)>,
+}
+
+/// Most pidfds held: a user who can open a followed node and forks
+/// thousands of children must not spend devmgrd's file descriptors (its
+/// clients' handles). Holders beyond it are re-checked with the backoff.
+const MAX_PIDFDS: usize = 4096;
+
+/// A pidfd on `pid` (readable when it exits), if it still exists.
+pub fn pidfd(pid: u32) -> Option<OwnedFd> {
+    let raw = rustix::process::Pid::from_raw(i32::try_from(pid).ok()?)?;
+    rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty()).ok()
 }
 
 const FIRST_RECHECK: Duration = Duration::from_secs(1);
@@ -289,11 +311,11 @@ impl Processes {
     /// filesystem) of `dev`, with a pidfd on each.
     fn set(&mut self, dev: DevNum, users: BTreeMap<u32, ProcInfo>, files: bool) {
         for &pid in users.keys() {
+            if self.pidfds.len() >= MAX_PIDFDS {
+                break;
+            }
             if let std::collections::hash_map::Entry::Vacant(slot) = self.pidfds.entry(pid) {
-                let raw = rustix::process::Pid::from_raw(pid as i32);
-                if let Some(fd) = raw.and_then(|p| {
-                    rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok()
-                }) {
+                if let Some(fd) = pidfd(pid) {
                     slot.insert(fd);
                 }
             }
@@ -311,7 +333,11 @@ impl Processes {
         // Re-checked with the backoff while it has users whose end nothing
         // reports: node holders without fanotify, detached-filesystem users.
         let unreported = self.files.contains_key(&dev)
-            || (self.fanotify.is_none() && self.holders.contains_key(&dev));
+            || (self.fanotify.is_none() && self.holders.contains_key(&dev))
+            || [&self.holders, &self.files]
+                .iter()
+                .filter_map(|m| m.get(&dev))
+                .any(|users| users.keys().any(|p| !self.pidfds.contains_key(p)));
         if !unreported {
             self.recheck.remove(&dev);
         } else {
@@ -522,20 +548,4 @@ fn listed(map: &ByDevice, dev: DevNum) -> impl Iterator<Item = (u32, &ProcInfo)>
     map.get(&dev)
         .into_iter()
         .flat_map(|h| h.iter().map(|(p, i)| (*p, i)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::split_rdev;
-
-    #[test]
-    fn device_numbers_split_as_the_kernel_encodes_them() {
-        // makedev(7, 5), makedev(259, 1), makedev(8, 300)
-        assert_eq!(split_rdev(0x0705), (7, 5));
-        assert_eq!(split_rdev((259 << 8) | 1), (259, 1));
-        assert_eq!(
-            split_rdev((8 << 8) | (300 & 0xff) | ((300 & !0xff) << 12)),
-            (8, 300)
-        );
-    }
 }

@@ -93,7 +93,7 @@ pub fn slaves_of(root: &Path, name: &str) -> Vec<String> {
 /// its device's user already).
 pub fn backing_device(root: &Path, name: &str) -> Option<DevNum> {
     let file = std::fs::read_to_string(class_block(root, name).join("loop/backing_file")).ok()?;
-    block_device(Path::new(file.trim_end()))
+    super::device_node(file.trim_end()).and_then(block_device)
 }
 
 /// How a stacked device reads to people: `dm-0 (vg0-data)` for a

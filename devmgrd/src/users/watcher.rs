@@ -8,7 +8,6 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::File;
-use std::io::{Read, Seek};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
@@ -73,10 +72,21 @@ pub struct Handle {
 }
 
 impl Handle {
-    /// Sends a command (dropped if the watcher stopped).
+    /// Sends a command (what a stopped watcher, a bug it logged, would
+    /// have followed is not followed any more).
     pub fn send(&self, command: Command) {
-        if self.commands.send(command).is_ok() {
-            let _ = self.wake.write(1);
+        let _ = self.try_send(command);
+    }
+
+    /// Sends a command; gives it back if the watcher stopped, so that what
+    /// waits on it can be done without it.
+    pub fn try_send(&self, command: Command) -> Result<(), Command> {
+        match self.commands.send(command) {
+            Ok(()) => {
+                let _ = self.wake.write(1);
+                Ok(())
+            }
+            Err(std::sync::mpsc::SendError(command)) => Err(command),
         }
     }
 }
@@ -242,9 +252,12 @@ impl Watcher {
             let ready = match self.wait(timeout) {
                 Ok(ready) => ready,
                 Err(nix::errno::Errno::EINTR) => continue,
+                // (ENOMEM, or more fds than the limit: the watcher must go
+                // on, and look again a moment later.)
                 Err(e) => {
-                    tracing::error!("the kernel users watcher stopped: poll: {e}");
-                    return;
+                    tracing::warn!("the kernel users watcher's poll failed ({e}): trying again");
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                    continue;
                 }
             };
             let mut dirty: HashSet<DevNum> = HashSet::new();
@@ -432,6 +445,7 @@ impl Watcher {
             }
             Command::Uevent { name } => self.restack(&name, dirty_ids),
             Command::Rescan { ids, then: after } => {
+                dirty.extend(self.namespaces.representatives_moved(None));
                 dirty.extend(self.namespaces.discover_all());
                 dirty.extend(self.namespaces.reread_all());
                 dirty.extend(self.reread_swaps());
@@ -505,18 +519,13 @@ impl Watcher {
         let Some(file) = &mut self.swaps else {
             return HashSet::new();
         };
-        let mut text = String::new();
-        if file
-            .rewind()
-            .and_then(|()| file.read_to_string(&mut text))
-            .is_err()
-        {
+        let Ok(text) = super::reread_lossy(file) else {
             return HashSet::new();
-        }
+        };
         let areas: Vec<(String, Option<DevNum>)> = swaps::parse(&text)
             .into_iter()
             .map(|path| {
-                let dev = block_device(std::path::Path::new(&path));
+                let dev = super::device_node(&path).and_then(block_device);
                 (path, dev)
             })
             .collect();
@@ -584,6 +593,7 @@ impl Watcher {
                     reason,
                     Detail::Mount {
                         pid: via,
+                        ns,
                         mount_point: m.mount_point.clone(),
                     },
                 ));
