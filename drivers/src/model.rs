@@ -26,7 +26,7 @@ pub(crate) const NONE: Key = Key::MAX;
 /// Index of a name scope in [`Model::names`]: names are unique per kind
 /// within each origin, so an API-added `host0` and the machine's own `host0`
 /// are two objects (rule 20: a client never takes a name from the machine,
-/// and a real device is modelled whatever clients added; docs/naming.md).
+/// and a real device is modelled whatever clients added; docs/kernel-users.md, "Names").
 pub(crate) fn name_slot(kind: Kind, origin: Origin) -> usize {
     let kind = match kind {
         Kind::Driver => 0,
@@ -464,7 +464,7 @@ impl Model {
     /// A name qualified with its scope (`api:host0`, `udev:host0`) names the
     /// object of that origin; a plain name names the API-added object if
     /// there is one, else the machine's: a client that added `host0` on a
-    /// machine with a real `host0` acts on its own (docs/naming.md).
+    /// machine with a real `host0` acts on its own (docs/kernel-users.md, "Names").
     pub fn find(&self, kind: Kind, name: &str) -> Result<ObjectId> {
         for origin in [Origin::Api, Origin::Udev] {
             if let Some(plain) = name.strip_prefix(scope_prefix(origin)) {

@@ -193,6 +193,21 @@ impl Run {
         }
     }
 
+    /// The mounts and swap on `id` and everything below it.
+    fn detachable_below(&self, id: ObjectId) -> HashSet<RefId> {
+        let mut found = HashSet::new();
+        let mut stack = vec![id];
+        while let Some(next) = stack.pop() {
+            for r in self.model.holders(next).unwrap_or_default() {
+                if r.kernel.is_some_and(KernelUse::detachable) {
+                    found.insert(r.id);
+                }
+            }
+            stack.extend(self.model.children(next).unwrap_or_default());
+        }
+        found
+    }
+
     fn states(&self) -> HashMap<ObjectId, State> {
         self.model
             .list()
@@ -213,6 +228,11 @@ impl Run {
         let mut cancelled_root: Option<ObjectId> = None;
         let mut cancelled_request: Option<drivers::RequestId> = None;
         let mut remove_serial: Option<u64> = None;
+        // Rule 18: only a removal with detach-mounts detaches, and it
+        // detaches every mount and swap below its root (the affected set
+        // holds at least that subtree), nothing else.
+        let mut detach_allowed = false;
+        let mut detach_expected: HashSet<RefId> = HashSet::new();
         let outcome: Result<(), drivers::Error> = match *op {
             Op::AddDriver { sim } => {
                 let name = if sim {
@@ -371,7 +391,12 @@ impl Run {
                             })
                         })
                         .flatten();
+                    let below = self.detachable_below(id);
                     let result = self.model.remove(id, options, self.now);
+                    if result.is_ok() && detach && !dry_run {
+                        detach_allowed = true;
+                        detach_expected = below;
+                    }
                     if let (Ok(_), false) = (&result, dry_run) {
                         let serial = ongoing.unwrap_or(self.step);
                         remove_serial = Some(serial);
@@ -485,16 +510,27 @@ impl Run {
             match effect {
                 Effect::Exit { id, .. } => self.shadow.exiting.push(id),
                 Effect::Detach { references, .. } => {
+                    prop_assert!(detach_allowed, "a detach that {op:?} did not ask for");
                     for r in &references {
                         prop_assert!(
                             self.shadow.kernel_refs.contains(r),
                             "detach of a reference that is no kernel user"
+                        );
+                        let kind = self.model.reference(*r).ok().and_then(|i| i.kernel);
+                        prop_assert!(
+                            kind.is_some_and(KernelUse::detachable),
+                            "detach of {kind:?}: processes and stacked devices are never taken away"
                         );
                     }
                     detached.extend(references);
                 }
             }
         }
+        let missed: Vec<&RefId> = detach_expected
+            .iter()
+            .filter(|r| !detached.contains(r))
+            .collect();
+        prop_assert!(missed.is_empty(), "{op:?} did not detach {missed:?}");
         self.shadow.exiting.retain(|id| self.model.contains(*id));
         self.model
             .check_invariants()

@@ -210,8 +210,13 @@ pub fn run(data: &[u8], trace: bool, dialect: Dialect) {
             match effect {
                 Effect::Exit { id, .. } => exiting.push(id),
                 // The watcher would see the mounts go and the swap end.
+                // Only mounts and swap are detached (rule 18).
                 Effect::Detach { references, .. } => {
                     for r in references {
+                        let kind = m.reference(r).ok().and_then(|i| i.kernel);
+                        if !kind.is_some_and(KernelUse::detachable) {
+                            panic!("after command {n} ({cmd:?}): detach of {r:?}, a {kind:?}");
+                        }
                         let _ = m.kernel_use_ended(r);
                     }
                 }
