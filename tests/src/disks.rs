@@ -16,6 +16,43 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::TempDir;
 
+/// A process a test started, killed and reaped when dropped: a test that
+/// fails midway must not leave behind a process that keeps its disk busy
+/// (declare it after the disk, so that it goes first).
+pub struct Reaped(pub std::process::Child);
+
+impl Reaped {
+    /// Starts `command`; panics with `what` if it cannot.
+    pub fn spawn(command: &mut Command, what: &str) -> Reaped {
+        Reaped(command.spawn().unwrap_or_else(|e| panic!("{what}: {e}")))
+    }
+
+    /// Kills it and waits until it is gone.
+    pub fn stop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for Reaped {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// Held for the whole of a test that uses real disks (it may be held
 /// across awaits: it is a file lock, not a mutex of this process).
 pub struct Exclusive {

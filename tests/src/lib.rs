@@ -104,6 +104,25 @@ where
     );
 }
 
+/// Checks `cond` for the whole of `limit` (what must *not* happen, given
+/// the time to happen if it were going to); panics with `what` the moment
+/// it fails.
+pub async fn holds_for<F, Fut>(what: &str, limit: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        assert!(
+            cond().await,
+            "{what} stopped holding after {:?}",
+            start.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Asks udevd for a reply: its control socket outlives a killed udevd, so
 /// the file alone says nothing. Panics (never skips) without one.
 pub fn require_udevd() {
@@ -705,6 +724,11 @@ impl Client {
     /// State, or `None` if the object is gone.
     pub async fn state(&self, path: &OwnedObjectPath) -> Option<String> {
         self.object(path).await.state().await.ok()
+    }
+
+    /// LastError, or `None` if the object is gone.
+    pub async fn last_error(&self, path: &OwnedObjectPath) -> Option<String> {
+        self.object(path).await.last_error().await.ok()
     }
 
     /// Whether the object still exists.

@@ -10,15 +10,15 @@
 //! (`disks::exclusive`): a mount namespace made by one would copy another's
 //! mounts and hold its disk.
 
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use devmgr_tests::disks::{self, LoopDisk};
+use devmgr_tests::disks::{self, LoopDisk, Reaped};
 use devmgr_tests::*;
 use zbus::OwnedObjectPath;
 
-/// A private bus, devmgrd modelling block devices from kernel events, and
-/// a client.
+/// A private bus, devmgrd modelling block devices from kernel events (and
+/// logging at debug level: `REAL_REMOVAL` says when it acts), and a client.
 async fn watching(extra: &[&str]) -> (TestBus, Daemon, Client) {
     watching_from("kernel", extra).await
 }
@@ -29,9 +29,33 @@ async fn watching_from(source: &str, extra: &[&str]) -> (TestBus, Daemon, Client
     let bus = TestBus::start();
     let mut args = vec!["--udev-source", source, "--subsystems", "block"];
     args.extend_from_slice(extra);
-    let daemon = Daemon::start_with_args(&bus, &args);
+    let daemon = Daemon::start_with_env(&bus, &args, &[("RUST_LOG", "devmgrd=debug")]);
     let client = Client::connect(&bus.address).await;
     (bus, daemon, client)
+}
+
+/// What devmgrd's log says when it begins a real removal (effects.rs).
+const REAL_REMOVAL: &str = "the real removal starts";
+
+/// For two seconds — time enough for a real action — the device stays
+/// `removing`, with no error, and devmgrd never begins its real removal.
+async fn nothing_real_happens(
+    daemon: &Daemon,
+    client: &Client,
+    path: &OwnedObjectPath,
+    disk: &LoopDisk,
+) {
+    holds_for(
+        "a pending removal with nothing real done",
+        Duration::from_secs(2),
+        || async {
+            client.state(path).await.as_deref() == Some("removing")
+                && client.last_error(path).await.as_deref() == Some("")
+                && disk.sys_block().exists()
+                && !daemon.log().contains(REAL_REMOVAL)
+        },
+    )
+    .await;
 }
 
 /// Waits until `path`'s holders include one by `holder` whose reason
@@ -93,14 +117,17 @@ async fn removed_for_real(
 /// The files devmgrd has open, as their links read.
 fn open_by_devmgrd(daemon: &Daemon) -> Vec<String> {
     let dir = format!("/proc/{}/fd", daemon.child.id());
-    std::fs::read_dir(dir)
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| std::fs::read_link(e.path()).ok())
-                .map(|l| l.to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
+    let open: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{dir}: {e}"))
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|l| l.to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        open.iter().any(|l| l.starts_with("socket:")),
+        "devmgrd's fds unreadable: {open:?}"
+    );
+    open
 }
 
 /// Rule 17 with a mounted ext4: the removal waits for the mount, which is
@@ -146,14 +173,13 @@ async fn mounted_until_unmounted(source: &str) {
     let tree = stdout(&devctl(&bus, &["tree"]));
     assert!(tree.contains(&reason), "{tree}");
 
-    // Nothing real happened meanwhile: the filesystem is there and usable.
-    std::thread::sleep(Duration::from_millis(300));
+    // Nothing real happens meanwhile: the filesystem is there and usable.
+    nothing_real_happens(&daemon, &client, &path, &disk).await;
     assert!(LoopDisk::is_mounted(&at));
     assert_eq!(
         std::fs::read_to_string(at.join("data")).expect("read"),
         "kept"
     );
-    assert!(disk.sys_block().exists());
     // The watcher holds no node of the disk open.
     let node = disk.node().to_string_lossy().into_owned();
     assert!(!open_by_devmgrd(&daemon).contains(&node));
@@ -171,14 +197,15 @@ async fn mounted_until_unmounted(source: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_holding_the_node_is_named_and_its_exit_completes_the_removal() {
     let _one = disks::exclusive();
-    let (bus, _daemon, client) = watching(&[]).await;
+    let (bus, daemon, client) = watching(&[]).await;
     let disk = LoopDisk::create("process", 4);
     let path = client.appears(&disk.name()).await;
-    let mut sleeper = Command::new("sh")
-        .arg("-c")
-        .arg(format!("exec sleep 600 < {}", disk.node().display()))
-        .spawn()
-        .expect("sleep");
+    let mut sleeper = Reaped::spawn(
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("exec sleep 600 < {}", disk.node().display())),
+        "sleep",
+    );
     let pid = sleeper.id();
     let reason = format!("open by sleep (pid {pid})");
     let holder = held_by(&client, &path, "kernel:process", &reason).await;
@@ -190,13 +217,8 @@ async fn a_process_holding_the_node_is_named_and_its_exit_completes_the_removal(
         text.contains(&format!("open by sleep (pid {pid}, uid 0)")),
         "{text}"
     );
-    std::thread::sleep(Duration::from_millis(200));
-    assert!(
-        disk.sys_block().exists(),
-        "nothing real happens while it is open"
-    );
-    let _ = sleeper.kill();
-    let _ = sleeper.wait();
+    nothing_real_happens(&daemon, &client, &path, &disk).await;
+    sleeper.stop();
     let (object, real) = removed_for_real(&client, &path, &disk).await;
     eprintln!("holder killed -> object removed in {object:?}, device gone in {real:?}");
 }
@@ -209,11 +231,12 @@ async fn swap_holds_a_loop_device_until_swapoff() {
     let (bus, _daemon, client) = watching(&[]).await;
     let mut disk = LoopDisk::create("swap", 16);
     let path = client.appears(&disk.name()).await;
-    let mut monitor = devctl_command(&bus, &["monitor", &disk.name()])
-        .env("NO_COLOR", "1")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("devctl monitor");
+    let mut monitor = Reaped::spawn(
+        devctl_command(&bus, &["monitor", &disk.name()])
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::piped()),
+        "devctl monitor",
+    );
     let lines = std::io::BufRead::lines(std::io::BufReader::new(
         monitor.stdout.take().expect("stdout"),
     ));
@@ -235,8 +258,7 @@ async fn swap_holds_a_loop_device_until_swapoff() {
         .map_while(|_| rx.recv_timeout(Duration::from_secs(5)).ok())
         .find(|l| l.contains("Holders=[swap]"));
     assert!(seen.is_some(), "monitor never showed the swap holder");
-    let _ = monitor.kill();
-    let _ = monitor.wait();
+    monitor.stop();
     let text = remove_pending(&bus, &disk.name(), &[]);
     assert!(text.contains("swap is on it"), "{text}");
     disk.swapoff(&disk.node());
@@ -255,15 +277,16 @@ async fn a_mount_in_another_mount_namespace_holds_the_disk() {
     disk.mkfs(&disk.node());
     let at = disk.mount_point("inside");
     let path = client.appears(&disk.name()).await;
-    let mut inside: Child = Command::new("unshare")
-        .args(["-m", "sh", "-c"])
-        .arg(format!(
-            "mount {} {} && exec sleep 600",
-            disk.node().display(),
-            at.display()
-        ))
-        .spawn()
-        .expect("unshare (package util-linux)");
+    let mut inside = Reaped::spawn(
+        Command::new("unshare")
+            .args(["-m", "sh", "-c"])
+            .arg(format!(
+                "mount {} {} && exec sleep 600",
+                disk.node().display(),
+                at.display()
+            )),
+        "unshare (package util-linux)",
+    );
     let pid = inside.id();
     let holder = held_by(
         &client,
@@ -279,8 +302,7 @@ async fn a_mount_in_another_mount_namespace_holds_the_disk() {
     assert!(!LoopDisk::is_mounted(&at), "not mounted in our namespace");
     let text = remove_pending(&bus, &disk.name(), &[]);
     assert!(text.contains("in the mount namespace of"), "{text}");
-    let _ = inside.kill();
-    let _ = inside.wait();
+    inside.stop();
     removed_for_real(&client, &path, &disk).await;
     let mountinfo = format!("/proc/{pid}/mountinfo");
     assert!(
@@ -314,7 +336,8 @@ async fn a_mounted_partition_holds_its_disk() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("org.devmgr.DevMgr1.Error.NotSupported") && err.contains(&disk.name()),
+        err.contains("org.devmgr.DevMgr1.Error.NotSupported")
+            && err.contains(&format!("only with device {} (id", disk.name())),
         "{err}"
     );
     assert_eq!(client.state(&p2).await.as_deref(), Some("live"));
@@ -337,7 +360,7 @@ async fn a_mounted_partition_holds_its_disk() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reenable_keeps_the_mount_force_never_unmounts_detach_mounts_does() {
     let _one = disks::exclusive();
-    let (bus, _daemon, client) = watching(&[]).await;
+    let (bus, daemon, client) = watching(&[]).await;
     let mut disk = LoopDisk::create("force", 64);
     disk.mkfs(&disk.node());
     let at = disk.mount_point("mnt");
@@ -356,12 +379,16 @@ async fn reenable_keeps_the_mount_force_never_unmounts_detach_mounts_does() {
         client.holders(&path).await.is_empty()
     })
     .await;
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(client.state(&path).await.as_deref(), Some("live"));
-    assert!(
-        disk.sys_block().exists(),
-        "a cancelled removal removes nothing"
-    );
+    holds_for(
+        "a cancelled removal removes nothing",
+        Duration::from_secs(2),
+        || async {
+            client.state(&path).await.as_deref() == Some("live")
+                && disk.sys_block().exists()
+                && !daemon.log().contains(REAL_REMOVAL)
+        },
+    )
+    .await;
 
     // A client's reference and a mount: force revokes the one, not the other.
     disk.mount(&disk.node(), &at);
@@ -370,10 +397,11 @@ async fn reenable_keeps_the_mount_force_never_unmounts_detach_mounts_does() {
     let text = remove_pending(&bus, &disk.name(), &["--force"]);
     assert!(text.contains(&reason), "{text}");
     assert!(handle_closed_by_daemon(fd), "force revokes the reference");
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(LoopDisk::is_mounted(&at), "force never unmounts");
-    assert_eq!(client.state(&path).await.as_deref(), Some("removing"));
-    assert_eq!(client.ref_count(&path).await, Some(1));
+    holds_for("force never unmounts", Duration::from_secs(2), || async {
+        LoopDisk::is_mounted(&at) && client.ref_count(&path).await == Some(1)
+    })
+    .await;
+    nothing_real_happens(&daemon, &client, &path, &disk).await;
 
     let out = devctl(
         &bus,
@@ -423,11 +451,7 @@ async fn after_detach_mounts_the_removal_waits_for_processes_on_the_filesystem()
     disk.mount(&disk.node(), &at);
     let path = client.appears(&disk.name()).await;
     held_by(&client, &path, "kernel:mount", "mounted at").await;
-    let mut worker = Command::new("sleep")
-        .arg("600")
-        .current_dir(&at)
-        .spawn()
-        .expect("sleep");
+    let mut worker = Reaped::spawn(Command::new("sleep").arg("600").current_dir(&at), "sleep");
     let pid = worker.id();
     let out = devctl(&bus, &["remove", &disk.name(), "--detach-mounts"]);
     assert!(out.status.success(), "{}", stdout(&out));
@@ -436,7 +460,79 @@ async fn after_detach_mounts_the_removal_waits_for_processes_on_the_filesystem()
     assert!(!LoopDisk::is_mounted(&at), "detached from the tree");
     assert_eq!(client.state(&path).await.as_deref(), Some("removing"));
     assert!(disk.sys_block().exists());
-    let _ = worker.kill();
-    let _ = worker.wait();
+    assert!(
+        matches!(worker.try_wait(), Ok(None)),
+        "processes are never killed"
+    );
+    worker.stop();
     removed_for_real(&client, &path, &disk).await;
+}
+
+/// detach-mounts over a whole partitioned disk: a partition mounted only in
+/// another mount namespace (detached there, through its process) and swap
+/// on the other partition (turned off). The namespace's process is left
+/// running, and the disk goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detach_mounts_detaches_in_other_namespaces_and_turns_swap_off() {
+    let _one = disks::exclusive();
+    let (bus, _daemon, client) = watching(&[]).await;
+    let mut disk = LoopDisk::create("detach-all", 64);
+    disk.partitions(2);
+    disk.mkfs(&disk.partition(1));
+    let at = disk.mount_point("elsewhere");
+    let path = client.appears(&disk.name()).await;
+    let p1 = client.appears(&format!("{}p1", disk.name())).await;
+    let p2 = client.appears(&format!("{}p2", disk.name())).await;
+    let mut inside = Reaped::spawn(
+        Command::new("unshare")
+            .args(["-m", "sh", "-c"])
+            .arg(format!(
+                "mount {} {} && exec sleep 600",
+                disk.partition(1).display(),
+                at.display()
+            )),
+        "unshare (package util-linux)",
+    );
+    let reason = format!(
+        "mounted at {} (ext4) in the mount namespace of sleep (pid {})",
+        at.display(),
+        inside.id()
+    );
+    held_by(&client, &p1, "kernel:mount", &reason).await;
+    disk.swapon(&disk.partition(2));
+    held_by(&client, &p2, "kernel:swap", "swap").await;
+
+    // The dry run counts the mounts and swap as gone.
+    let dry = stdout(&devctl(
+        &bus,
+        &["remove", &disk.name(), "--dry-run", "--detach-mounts"],
+    ));
+    assert!(dry.contains("would be removed"), "{dry}");
+    assert_eq!(client.state(&path).await.as_deref(), Some("live"));
+    let out = devctl(
+        &bus,
+        &["remove", &disk.name(), "--detach-mounts", "--wait=10"],
+    );
+    assert!(
+        out.status.success(),
+        "{}{}",
+        stdout(&out),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    removed_for_real(&client, &path, &disk).await;
+    let swaps = std::fs::read_to_string("/proc/swaps").expect("/proc/swaps");
+    assert!(
+        !swaps.contains(&disk.partition(2).to_string_lossy().into_owned()),
+        "{swaps}"
+    );
+    assert!(
+        matches!(inside.try_wait(), Ok(None)),
+        "processes are never killed"
+    );
+    let theirs = std::fs::read_to_string(format!("/proc/{}/mountinfo", inside.id()))
+        .expect("the namespace's mounts");
+    assert!(
+        !theirs.contains(&format!(" {} ", at.display())),
+        "still mounted in the other namespace: {theirs}"
+    );
 }

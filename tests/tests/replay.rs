@@ -1,7 +1,9 @@
 //! `devmgrd --replay`: a SCSI host with a target, LUNs, disks and
 //! partitions, from a fixture in the kernel's uevent format, fed through a
 //! FIFO so the test can act between events: the tree as sysfs has it, then
-//! a surprise removal of a held LUN (rule 8).
+//! a surprise removal of a held LUN (rule 8). The fixtures' block devices
+//! have major 60 (local/experimental use, no real device's): devmgrd reads
+//! the machine's real /proc for their users, and must find none.
 
 use devmgr_tests::*;
 
@@ -187,7 +189,7 @@ fn a_change_event_updates_the_attributes() {
     let block = |action: &str, seq: u32, extra: &str| {
         format!(
             "UDEV  [{seq}.0] {action} {devpath} (block)\nACTION={action}\nDEVPATH={devpath}\n\
-             SUBSYSTEM=block\nDEVTYPE=disk\nDEVNAME=/dev/loop77\nMAJOR=7\nMINOR=77\n{extra}SEQNUM={seq}\n\n"
+             SUBSYSTEM=block\nDEVTYPE=disk\nDEVNAME=/dev/loop77\nMAJOR=60\nMINOR=77\n{extra}SEQNUM={seq}\n\n"
         )
     };
     feed(&mut events, &block("add", 1, ""));

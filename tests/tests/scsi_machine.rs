@@ -2,7 +2,7 @@
 //! uevents, `--sysfs-root` at a fake sysfs tree; there is no SCSI here):
 //! - names: the README walk-through's simulated `host0` beside the
 //!   machine's own `host0`, and a real device that appears later beside an
-//!   API object of its name (rule 20, docs/naming.md);
+//!   API object of its name (rule 20, docs/kernel-users.md, "Names");
 //! - a disk or partition of a SCSI device cannot be removed alone;
 //! - a device stacked on a disk (dm, from sysfs `holders/`) holds it;
 //! - rule 19's race, with a fake SCSI device whose disk is a real loop
@@ -11,6 +11,12 @@
 //!   tried meanwhile fails; a mount that got in first (in a mount
 //!   namespace devmgrd had not seen) makes the claim fail, the action is
 //!   abandoned and the removal waits for that mount, named.
+//!
+//! The fake disks are numbered with major 60, "local/experimental use" in
+//! the kernel's devices.txt, which no real device has: devmgrd's watcher
+//! reads the machine's real /proc, and a fake `sda` numbered 8:0 would
+//! show the real sda's mounts (and a fake dm-0 at 254:0, this machine's
+//! vda). Only the race test's disks are real (its own loop devices).
 
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
@@ -18,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use devmgr_tests::disks::{self, LoopDisk};
+use devmgr_tests::disks::{self, LoopDisk, Reaped};
 use devmgr_tests::*;
 
 const HOST: &str = include_str!("../fixtures/scsi-host.uevents");
@@ -212,7 +218,7 @@ fn a_stacked_device_holds_its_disk_until_it_goes() {
     std::fs::create_dir_all(class.join("dm-0/dm")).expect("fake dm");
     std::fs::write(class.join("dm-0/dm/name"), "vg0-data\n").expect("dm name");
     let (bus, _daemon, mut events) = replaying_at(&dir);
-    let (host, luns) = scsi_host(&root, 5, &[("sdc", (8, 32), "sdc")], false);
+    let (host, luns) = scsi_host(&root, 5, &[("sdc", (60, 32), "sdc")], false);
     feed(&mut events, &host);
     feed(
         &mut events,
@@ -222,8 +228,8 @@ fn a_stacked_device_holds_its_disk_until_it_goes() {
             "block",
             &[
                 ("DEVTYPE", "disk"),
-                ("MAJOR", "254"),
-                ("MINOR", "0"),
+                ("MAJOR", "60"),
+                ("MINOR", "200"),
                 ("DEVNAME", "dm-0"),
             ],
         ),
@@ -295,8 +301,8 @@ fn claimed(node: &Path) -> bool {
 /// A process that mounts `device` at `at` in a mount namespace of its own,
 /// made without starting a program (so devmgrd is not told of it), and
 /// stays until killed.
-fn hidden_mount(device: &Path, at: &Path) -> std::process::Child {
-    let mut child = Command::new("/usr/bin/python3")
+fn hidden_mount(device: &Path, at: &Path) -> Reaped {
+    let mut child = Reaped::spawn(Command::new("/usr/bin/python3")
         .args([
             "-c",
             "import ctypes,signal,sys\n\
@@ -311,9 +317,7 @@ fn hidden_mount(device: &Path, at: &Path) -> std::process::Child {
         ])
         .arg(device)
         .arg(at)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3");
+        .stdout(Stdio::piped()), "python3");
     let mut line = [0u8; 8];
     let read = child.stdout.as_mut().map(|o| o.read_exact(&mut line));
     assert!(
@@ -330,7 +334,7 @@ fn a_real_action_never_races_a_new_user() {
     let _one = disks::exclusive();
     let dir = TempDir::unique("race");
     let root = dir.0.clone();
-    let first = LoopDisk::create("race-a", 32);
+    let mut first = LoopDisk::create("race-a", 32);
     let second = LoopDisk::create("race-b", 32);
     for disk in [&first, &second] {
         disk.mkfs(&disk.node());
@@ -356,17 +360,23 @@ fn a_real_action_never_races_a_new_user() {
     let mounted = Command::new("mount")
         .arg(first.node())
         .arg(&at)
-        .stderr(Stdio::null())
-        .status()
+        .output()
         .expect("mount");
-    assert!(
-        !mounted.success(),
-        "a mount made while devmgrd acts must fail"
-    );
+    if mounted.status.success() {
+        let _ = Command::new("umount").arg(&at).status();
+        panic!("a mount made while devmgrd acts must fail");
+    }
+    let why = String::from_utf8_lossy(&mounted.stderr);
+    assert!(why.contains("busy"), "refused by the claim (EBUSY): {why}");
     assert_eq!(read_delete(&luns[0].join("delete")), "1");
     feed(&mut events, &lun_removed(&luns[0], &root, "sdy"));
     wait_for(|| show(&bus, "7:0:0:0").is_none(), "the first LUN to go");
     assert!(!LoopDisk::is_mounted(&at));
+    // The control: with devmgrd's claim let go, the same mount works (the
+    // fake LUN's deletion left the real loop device in place).
+    wait_for(|| !claimed(&first.node()), "devmgrd to let go of its claim");
+    first.mount(&first.node(), &at);
+    first.umount(&at);
 
     // 2. A mount that got in first, where devmgrd did not look: the claim
     //    fails, the action is abandoned, and the removal waits for it.
@@ -413,8 +423,7 @@ fn a_real_action_never_races_a_new_user() {
     drop(peek);
 
     // The namespace's last process goes: its mount, then the LUN.
-    let _ = hidden.kill();
-    let _ = hidden.wait();
+    hidden.stop();
     assert_eq!(read_delete(&fifo), "1");
     feed(&mut events, &lun_removed(&luns[1], &root, "sdz"));
     wait_for(|| show(&bus, "7:0:0:1").is_none(), "the second LUN to go");
