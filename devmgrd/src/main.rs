@@ -16,7 +16,7 @@ mod peers;
 mod persist;
 mod pump;
 mod replay;
-mod service;
+mod serve;
 mod store;
 mod uevents;
 mod users;
@@ -77,45 +77,53 @@ struct Refused {
     batches: Option<tokio::sync::mpsc::UnboundedReceiver<owner::Batch>>,
 }
 
-/// Serves the manager on one bus: connects, publishes every object as it
-/// stands, and only then claims the name, so that the first client to find
-/// devmgrd (systemd's readiness check among them) sees the whole model.
+/// Serves the manager on one bus: connects, starts answering calls, lets
+/// the pump publish what is queued, and only then claims the name, so that
+/// the first client to find devmgrd (systemd's readiness check among them)
+/// sees the whole model.
 async fn serve(
     builder: connection::Builder<'_>,
     handle: &owner::ModelHandle,
     authz: &authz::Authorizer,
-    label: &str,
+    bus: (&str, serve::limits::BusType),
     batches: tokio::sync::mpsc::UnboundedReceiver<owner::Batch>,
 ) -> Result<zbus::Connection, Refused> {
-    let manager = service::Manager {
-        handle: handle.clone(),
-        authz: authz.clone(),
-        object_count: 0.into(),
-        pending_removals: 0.into(),
+    let (label, bus_type) = bus;
+    let refused = |why: String, batches| Refused {
+        fall_back: true,
+        why,
+        batches,
     };
-    let built = builder
-        .serve_at(proto::MANAGER_PATH, manager)
-        .serve_at(proto::MANAGER_PATH, fdo::ObjectManager)
-        .build()
-        .await;
-    let conn = match built {
+    let conn = match builder.build().await {
         Ok(conn) => conn,
         Err(e) => {
-            return Err(Refused {
-                fall_back: true,
-                why: format!("cannot serve on the {label} bus: {e}"),
-                batches: Some(batches),
-            })
+            return Err(refused(
+                format!("cannot serve on the {label} bus: {e}"),
+                Some(batches),
+            ))
         }
     };
-    let shared = service::Shared {
+    let max_message = serve::limits::max_message_size(bus_type);
+    tracing::debug!("the {label} bus accepts messages of up to {max_message} bytes");
+    let shared = serve::Shared {
         handle: handle.clone(),
         handles: handles::Handles::default(),
         authz: authz.clone(),
+        max_message,
+    };
+    let calls = match serve::start(&conn, shared.clone()).await {
+        Ok(calls) => calls,
+        Err(e) => {
+            return Err(refused(
+                format!("cannot receive calls on the {label} bus: {e}"),
+                Some(batches),
+            ))
+        }
     };
     let (stop, stopped) = tokio::sync::oneshot::channel();
     let pump = tokio::spawn(pump::run(conn.clone(), shared, batches, stopped));
-    let refusal = match handle.announce_all().await {
+    // Answered once everything queued before it (the coldplug) is published.
+    let refusal = match handle.read(|_| ()).await {
         Err(_) => Some((false, "the model's owner stopped".to_owned())),
         Ok(()) => {
             let claimed = conn
@@ -142,7 +150,10 @@ async fn serve(
     };
     match refusal {
         // `stop` dropped: the pump runs for as long as the daemon.
-        None => Ok(conn),
+        None => {
+            tokio::spawn(calls);
+            Ok(conn)
+        }
         Some((fall_back, why)) => {
             let _ = stop.send(());
             Err(Refused {
@@ -246,19 +257,32 @@ async fn run(settings: Settings) -> Result<(), String> {
     let auto = settings.bus == bus::BusChoice::Auto;
     let choice = settings.bus.resolve();
     let mut embedded = None;
+    use serve::limits::BusType;
     let shared = match &choice {
-        bus::BusChoice::Session => Some((connection::Builder::session(), "session".to_owned())),
-        bus::BusChoice::System => Some((connection::Builder::system(), "system".to_owned())),
-        bus::BusChoice::Address(a) => Some((connection::Builder::address(a.as_str()), a.clone())),
+        bus::BusChoice::Session => Some((
+            connection::Builder::session(),
+            "session".to_owned(),
+            BusType::Session,
+        )),
+        bus::BusChoice::System => Some((
+            connection::Builder::system(),
+            "system".to_owned(),
+            BusType::System,
+        )),
+        bus::BusChoice::Address(a) => Some((
+            connection::Builder::address(a.as_str()),
+            a.clone(),
+            BusType::Unknown,
+        )),
         bus::BusChoice::Embedded | bus::BusChoice::Auto => None,
     };
     let mut batches = Some(batches);
     let conn = match shared {
-        Some((builder, label)) => {
+        Some((builder, label, bus_type)) => {
             let Some(taken) = batches.take() else {
                 return Err("the model's batches are gone".to_owned());
             };
-            match serve(builder, &handle, &authz, &label, taken).await {
+            match serve(builder, &handle, &authz, (&label, bus_type), taken).await {
                 Ok(conn) => Some((conn, label)),
                 Err(refused) if refused.fall_back && auto => {
                     tracing::warn!("{}; serving on an embedded bus instead", refused.why);
@@ -283,7 +307,7 @@ async fn run(settings: Settings) -> Result<(), String> {
                 connection::Builder::address(address.as_str()),
                 &handle,
                 &authz,
-                "embedded",
+                ("embedded", BusType::Unknown),
                 taken,
             )
             .await

@@ -27,9 +27,6 @@ pub struct Owned {
     pub tracker: Option<Tracker>,
     /// The kernel's users of real devices, as references (rule 17).
     pub kernel: crate::users::Registry,
-    /// The next batch describes every object as it stands (for a pump on a
-    /// new connection, which has exported nothing yet).
-    announce_all: bool,
 }
 
 impl Owned {
@@ -39,13 +36,18 @@ impl Owned {
             model,
             tracker,
             kernel: crate::users::Registry::default(),
-            announce_all: false,
         }
     }
 }
 
 /// A command: runs on the model, returns how to deliver its reply.
-type Job = Box<dyn FnOnce(&mut Owned) -> Deliver + Send>;
+struct Job {
+    run: Box<dyn FnOnce(&mut Owned) -> Deliver + Send>,
+    /// A read: its batch ends with it, and its group of batches too, so
+    /// that what it read is exactly what has been published when its
+    /// reply goes (a later command's signals never precede it).
+    read: bool,
+}
 
 /// What the owner hands to the event pump after each command.
 pub struct Batch {
@@ -59,6 +61,9 @@ pub struct Batch {
     pub deliver: Vec<Deliver>,
     /// What must be durable before any of it is published (`--state-dir`).
     pub changes: Vec<Change>,
+    /// It ends with a read: the pump publishes nothing after it before
+    /// delivering the replies.
+    pub ends_group: bool,
 }
 
 /// A cheap, cloneable way to send commands to the owner.
@@ -98,10 +103,14 @@ impl ModelHandle {
         self.call_owned(move |owned| f(&mut owned.model)).await
     }
 
-    /// Publishes every object as it stands (as if each were just added),
-    /// for a pump that starts on a new connection; returns once done.
-    pub async fn announce_all(&self) -> Result<(), OwnerGone> {
-        self.call_owned(|owned| owned.announce_all = true).await
+    /// Runs `f` on the model without changing it, and returns its result
+    /// once everything before it has been published: what it read is
+    /// what clients have been told, no more and no less.
+    pub async fn read<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Model) -> R + Send + 'static,
+    ) -> Result<R, OwnerGone> {
+        self.send_job(move |owned| f(&owned.model), true).await
     }
 
     /// Same as `call`, with the tracker too (for what only the owner may
@@ -110,14 +119,25 @@ impl ModelHandle {
         &self,
         f: impl FnOnce(&mut Owned) -> R + Send + 'static,
     ) -> Result<R, OwnerGone> {
+        self.send_job(f, false).await
+    }
+
+    async fn send_job<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Owned) -> R + Send + 'static,
+        read: bool,
+    ) -> Result<R, OwnerGone> {
         let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move |owned| {
-            let result = f(owned);
-            Box::new(move || {
-                // The caller may have gone away meanwhile; nothing to do then.
-                let _ = tx.send(result);
-            })
-        });
+        let job = Job {
+            run: Box::new(move |owned| {
+                let result = f(owned);
+                Box::new(move || {
+                    // The caller may have gone away meanwhile; nothing to do then.
+                    let _ = tx.send(result);
+                })
+            }),
+            read,
+        };
         self.jobs.send(job).map_err(|_| OwnerGone)?;
         rx.await.map_err(|_| OwnerGone)
     }
@@ -154,10 +174,13 @@ pub fn spawn(
                             Some(job) => job,
                             None => break,
                         },
-                        () = tokio::time::sleep(wait) => Box::new(|o: &mut Owned| {
-                            o.model.tick(now_micros());
-                            Box::new(|| ()) as Deliver
-                        }),
+                        () = tokio::time::sleep(wait) => Job {
+                            run: Box::new(|o: &mut Owned| {
+                                o.model.tick(now_micros());
+                                Box::new(|| ()) as Deliver
+                            }),
+                            read: false,
+                        },
                     }
                 }
             };
@@ -165,10 +188,14 @@ pub fn spawn(
             // publishing: one holders snapshot per object for all of them.
             // A burst (thousands of holders dying at once) would otherwise
             // copy an object's whole holder list once per release.
-            let mut deliver = vec![job(&mut owned)];
-            while deliver.len() < MAX_JOBS_PER_BATCH {
+            let mut ends_group = job.read;
+            let mut deliver = vec![(job.run)(&mut owned)];
+            while deliver.len() < MAX_JOBS_PER_BATCH && !ends_group {
                 match jobs_rx.try_recv() {
-                    Ok(job) => deliver.push(job(&mut owned)),
+                    Ok(job) => {
+                        ends_group = job.read;
+                        deliver.push((job.run)(&mut owned));
+                    }
                     Err(_) => break,
                 }
             }
@@ -176,7 +203,6 @@ pub fn spawn(
                 model,
                 tracker,
                 kernel,
-                announce_all,
             } = &mut owned;
             let mut events = model.take_events();
             // The tracker may act on the model too (a real device's admin
@@ -187,15 +213,6 @@ pub fn spawn(
             };
             // The watcher follows the block devices the model holds.
             kernel.observe(&events);
-            if std::mem::take(announce_all) {
-                // The model as it stands already includes what these events
-                // say; parents come before children (ids only grow).
-                events = model
-                    .list()
-                    .into_iter()
-                    .map(|info| Event::Added(Box::new(info)))
-                    .collect();
-            }
             // Driver actions run elsewhere; their completion is a later command.
             for effect in model.take_effects() {
                 let work = match effect {
@@ -233,6 +250,7 @@ pub fn spawn(
                 ),
                 deliver,
                 changes,
+                ends_group,
             };
             if batch_tx.send(batch).is_err() {
                 break;

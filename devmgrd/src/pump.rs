@@ -2,37 +2,30 @@
 //! objects appear and disappear (ObjectManager's InterfacesAdded /
 //! InterfacesRemoved), properties change (PropertiesChanged), and the
 //! RemovalCompleted and ReleaseRequested signals go out — and only then
-//! delivers the reply of the command that caused them.
+//! delivers the replies of the commands that caused them.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 
 use drivers::{Event, ObjectId, ReferenceInfo};
-use proto::HolderTuple;
-use std::borrow::Cow;
-use std::collections::HashMap;
-use std::sync::atomic::Ordering;
-
+use proto::{MANAGER_INTERFACE, MANAGER_PATH, OBJECT_INTERFACE};
 use tokio::sync::{mpsc, oneshot};
-use zbus::names::InterfaceName;
-use zbus::object_server::{InterfaceRef, SignalEmitter};
-use zbus::{Connection, ObjectServer, Variant};
+use zbus::{Connection, Message, OwnedObjectPath, Variant};
 
 use crate::owner::Batch;
-use crate::service::{path_of, set_state, Manager, ObjectIface, Shared};
-
-/// One `Holders` entry.
-pub fn holder_tuple(r: &ReferenceInfo) -> HolderTuple {
-    (
-        r.id.0,
-        r.holder.bus_name.clone(),
-        r.holder.uid,
-        r.holder.pid,
-        r.reason.to_string(),
-        r.since,
-    )
-}
+use crate::serve::args::path_of;
+use crate::serve::{properties, Shared};
 
 /// Most batches published as one group: bounds how long the first reply
 /// of a group waits for the others' signals.
 const MAX_GROUP: usize = 256;
+
+/// Signals handed to the socket at once: few writes for a burst, and other
+/// tasks (calls being answered) run between two such writes.
+const SIGNALS_PER_WRITE: usize = 512;
+
+const PROPERTIES_INTERFACE: &str = "org.freedesktop.DBus.Properties";
+const OBJECT_MANAGER: &str = "org.freedesktop.DBus.ObjectManager";
 
 /// Publishes every batch the owner produces until the owner stops.
 ///
@@ -52,7 +45,13 @@ pub async fn run(
     mut batches: mpsc::UnboundedReceiver<Batch>,
     stop: oneshot::Receiver<()>,
 ) -> mpsc::UnboundedReceiver<Batch> {
-    let server = conn.object_server();
+    let mut out = Outbox {
+        conn,
+        max_message: shared.max_message,
+        holders_budget: shared.holders_budget(),
+        queued: Vec::new(),
+        published_holders: HashMap::new(),
+    };
     let mut published_counts = (0, 0);
     let mut group = Vec::new();
     let mut stop = Some(stop);
@@ -76,10 +75,14 @@ pub async fn run(
                 None => return batches,
             },
         };
+        let mut ends = first.ends_group;
         group.push(first);
-        while group.len() < MAX_GROUP {
+        while group.len() < MAX_GROUP && !ends {
             match batches.try_recv() {
-                Ok(batch) => group.push(batch),
+                Ok(batch) => {
+                    ends = batch.ends_group;
+                    group.push(batch);
+                }
                 Err(_) => break,
             }
         }
@@ -104,162 +107,210 @@ pub async fn run(
                     _ => None,
                 };
                 if let Some((id, list)) = refs_of {
-                    if let Err(e) = set_holders(server, id, &list).await {
-                        tracing::warn!("could not publish the holders of {id}: {e}");
-                    }
+                    out.holders(id, &list);
                 }
-                if let Err(e) = publish(&conn, server, &shared, event).await {
-                    tracing::warn!("could not publish an event: {e}");
-                }
+                out.event(event);
+                out.flush_if_full().await;
             }
             counts = batch.counts;
             replies.extend(batch.deliver);
         }
         // Most commands (reference churn above all) change neither count.
-        if counts != published_counts {
-            if let Err(e) = set_counts(server, counts).await {
-                tracing::warn!("could not publish the manager's counts: {e}");
-            }
-            published_counts = counts;
+        if counts.0 != published_counts.0 {
+            out.manager_property("ObjectCount", counts.0);
         }
+        if counts.1 != published_counts.1 {
+            out.manager_property("PendingRemovals", counts.1);
+        }
+        published_counts = counts;
+        out.flush().await;
         for deliver in replies {
             deliver();
         }
     }
 }
 
-async fn object(server: &ObjectServer, id: ObjectId) -> zbus::Result<InterfaceRef<ObjectIface>> {
-    server.interface::<_, ObjectIface>(path_of(Some(id))).await
+/// Signals waiting to be written, and what clients were last told of each
+/// object's holders.
+struct Outbox {
+    conn: Connection,
+    max_message: usize,
+    holders_budget: usize,
+    queued: Vec<Message>,
+    /// A digest of the `Holders` last published, for objects that have
+    /// some (absent: none).
+    published_holders: HashMap<ObjectId, u64>,
 }
 
-async fn publish(
-    conn: &Connection,
-    server: &ObjectServer,
-    shared: &Shared,
-    event: Event,
-) -> zbus::Result<()> {
-    match event {
-        Event::Added(info) => {
-            let path = path_of(Some(info.id));
-            server
-                .at(path, ObjectIface::new(shared.clone(), *info))
-                .await?;
-        }
-        Event::StateChanged { id, to, .. } => {
-            let iref = object(server, id).await?;
-            let iface = iref.get().await;
-            if set_state(&iface, to) {
-                iface.state_changed(iref.signal_emitter()).await?;
-            }
-        }
-        Event::Bound { id, driver } => {
-            let iref = object(server, id).await?;
-            let iface = iref.get().await;
-            iface.cache().info.driver = Some(driver);
-            iface.driver_changed(iref.signal_emitter()).await?;
-        }
-        Event::Unbound { id, .. } => {
-            let iref = object(server, id).await?;
-            let iface = iref.get().await;
-            iface.cache().info.driver = None;
-            iface.driver_changed(iref.signal_emitter()).await?;
-        }
-        Event::ErrorChanged { id, error } => {
-            let iref = object(server, id).await?;
-            let iface = iref.get().await;
-            iface.cache().info.last_error = error;
-            iface.last_error_changed(iref.signal_emitter()).await?;
-        }
-        Event::AttributesChanged { id, attributes } => {
-            let iref = object(server, id).await?;
-            let iface = iref.get().await;
-            iface.cache().info.attributes = attributes;
-            iface.attributes_changed(iref.signal_emitter()).await?;
-        }
-        Event::Renamed { id, name, sys_path } => {
-            let iref = object(server, id).await?;
-            {
-                let iface = iref.get().await;
-                let mut cache = iface.cache();
-                cache.info.name = name.clone();
-                cache.info.sys_path = sys_path.clone();
-            }
-            // Name and SysPath change together: one PropertiesChanged.
-            let changed = HashMap::from([
-                ("Name", Variant::from(name.to_string())),
-                ("SysPath", Variant::from(sys_path)),
-            ]);
-            zbus::fdo::Properties::properties_changed(
-                iref.signal_emitter(),
-                InterfaceName::from_static_str_unchecked(proto::OBJECT_INTERFACE),
-                changed,
-                Cow::Borrowed(&[]),
-            )
-            .await?;
-        }
-        Event::ReleaseRequested {
-            id, waiting_for, ..
-        } => {
-            let iref = object(server, id).await?;
-            let why = format!("removal of {} is waiting", path_of(Some(waiting_for)));
-            ObjectIface::release_requested(iref.signal_emitter(), &why).await?;
-        }
-        // Holders and RefCount were published from the owner's snapshot.
-        Event::Acquired { .. } | Event::Released { .. } | Event::Revoked { .. } => {}
-        Event::Removed { id, kind, name, .. } => {
-            let path = path_of(Some(id));
-            server.remove::<ObjectIface, _>(&path).await?;
-            let emitter = SignalEmitter::new(conn, proto::MANAGER_PATH)?;
-            Manager::removal_completed(&emitter, path.as_ref(), kind.as_str(), &name).await?;
-        }
-    }
-    Ok(())
-}
-
-/// Publishes `Holders` and `RefCount` together, in one PropertiesChanged:
-/// they always change together, and reference churn is the busiest traffic
-/// the daemon sends.
-async fn set_holders(
-    server: &ObjectServer,
-    id: ObjectId,
-    holders: &[ReferenceInfo],
-) -> zbus::Result<()> {
-    let iref = object(server, id).await?;
-    let tuples: Vec<HolderTuple> = holders.iter().map(holder_tuple).collect();
-    let count = u32::try_from(tuples.len()).unwrap_or(u32::MAX);
+impl Outbox {
+    fn signal<B>(&mut self, path: &str, interface: &'static str, member: &'static str, body: &B)
+    where
+        B: serde::Serialize + zbus::DynamicType,
     {
-        let iface = iref.get().await;
-        let mut cache = iface.cache();
-        if cache.holders == tuples {
-            return Ok(()); // net unchanged within a group: nothing to tell
+        let built = Message::signal(path, interface, member).build(body);
+        match built {
+            Ok(msg) if msg.data().len() <= self.max_message => self.queued.push(msg),
+            // Never sent: the bus would disconnect us. Budgets keep every
+            // signal far below the limit; this is the last guard.
+            Ok(msg) => tracing::warn!(
+                "not sending {member} on {path}: {} bytes, the bus accepts {}",
+                msg.data().len(),
+                self.max_message
+            ),
+            Err(e) => tracing::warn!("could not build {member} on {path}: {e}"),
         }
-        cache.holders = tuples.clone();
     }
-    let changed = HashMap::from([
-        ("Holders", Variant::from(tuples)),
-        ("RefCount", Variant::from(count)),
-    ]);
-    zbus::fdo::Properties::properties_changed(
-        iref.signal_emitter(),
-        InterfaceName::from_static_str_unchecked(proto::OBJECT_INTERFACE),
-        changed,
-        Cow::Borrowed(&[]),
-    )
-    .await
-}
 
-async fn set_counts(server: &ObjectServer, (objects, pending): (u32, u32)) -> zbus::Result<()> {
-    let iref = server.interface::<_, Manager>(proto::MANAGER_PATH).await?;
-    let manager = iref.get().await;
-    let objects_changed = manager.object_count.swap(objects, Ordering::Relaxed) != objects;
-    let pending_changed = manager.pending_removals.swap(pending, Ordering::Relaxed) != pending;
-    if objects_changed {
-        manager.object_count_changed(iref.signal_emitter()).await?;
+    fn object_changed(&mut self, id: ObjectId, changed: HashMap<&'static str, Variant<'_>>) {
+        let path = path_of(Some(id));
+        let invalidated: &[&str] = &[];
+        self.signal(
+            path.as_str(),
+            PROPERTIES_INTERFACE,
+            "PropertiesChanged",
+            &(OBJECT_INTERFACE, changed, invalidated),
+        );
     }
-    if pending_changed {
-        manager
-            .pending_removals_changed(iref.signal_emitter())
-            .await?;
+
+    fn manager_property(&mut self, name: &'static str, value: u32) {
+        let invalidated: &[&str] = &[];
+        self.signal(
+            MANAGER_PATH,
+            PROPERTIES_INTERFACE,
+            "PropertiesChanged",
+            &(
+                MANAGER_INTERFACE,
+                HashMap::from([(name, Variant::from(value))]),
+                invalidated,
+            ),
+        );
     }
-    Ok(())
+
+    fn event(&mut self, event: Event) {
+        match event {
+            Event::Added(info) => {
+                let path = path_of(Some(info.id));
+                let interfaces = properties::object_interfaces(&info, self.holders_budget);
+                self.signal(
+                    MANAGER_PATH,
+                    OBJECT_MANAGER,
+                    "InterfacesAdded",
+                    &(path, interfaces),
+                );
+            }
+            Event::StateChanged { id, to, .. } => {
+                self.object_changed(id, HashMap::from([("State", Variant::from(to.as_str()))]));
+            }
+            Event::Bound { id, driver } => {
+                self.object_changed(
+                    id,
+                    HashMap::from([("Driver", Variant::from(path_of(Some(driver))))]),
+                );
+            }
+            Event::Unbound { id, .. } => {
+                self.object_changed(
+                    id,
+                    HashMap::from([("Driver", Variant::from(path_of(None)))]),
+                );
+            }
+            Event::ErrorChanged { id, error } => {
+                self.object_changed(
+                    id,
+                    HashMap::from([("LastError", Variant::from(error.to_string()))]),
+                );
+            }
+            Event::AttributesChanged { id, attributes } => {
+                let map: HashMap<String, String> = attributes.into_iter().collect();
+                self.object_changed(id, HashMap::from([("Attributes", Variant::from(map))]));
+            }
+            Event::Renamed { id, name, sys_path } => {
+                // Name and SysPath change together: one PropertiesChanged.
+                self.object_changed(
+                    id,
+                    HashMap::from([
+                        ("Name", Variant::from(name.to_string())),
+                        ("SysPath", Variant::from(sys_path)),
+                    ]),
+                );
+            }
+            Event::ReleaseRequested {
+                id, waiting_for, ..
+            } => {
+                let why = format!("removal of {} is waiting", path_of(Some(waiting_for)));
+                let path = path_of(Some(id));
+                self.signal(path.as_str(), OBJECT_INTERFACE, "ReleaseRequested", &(why,));
+            }
+            // Holders and RefCount are published from the owner's snapshot.
+            Event::Acquired { .. } | Event::Released { .. } | Event::Revoked { .. } => {}
+            Event::Removed { id, kind, name, .. } => {
+                let path: OwnedObjectPath = path_of(Some(id));
+                self.published_holders.remove(&id);
+                let mut interfaces = vec![OBJECT_INTERFACE];
+                interfaces.extend(properties::STANDARD_INTERFACES);
+                self.signal(
+                    MANAGER_PATH,
+                    OBJECT_MANAGER,
+                    "InterfacesRemoved",
+                    &(&path, interfaces),
+                );
+                self.signal(
+                    MANAGER_PATH,
+                    MANAGER_INTERFACE,
+                    "RemovalCompleted",
+                    &(&path, kind.as_str(), name.as_ref()),
+                );
+            }
+        }
+    }
+
+    /// Publishes `Holders` and `RefCount` together, in one
+    /// PropertiesChanged (they always change together, and reference churn
+    /// is the busiest traffic the daemon sends), unless clients already
+    /// see exactly this.
+    fn holders(&mut self, id: ObjectId, holders: &[ReferenceInfo]) {
+        let shown = properties::holders_within(holders, self.holders_budget);
+        let count = u32::try_from(holders.len()).unwrap_or(u32::MAX);
+        let digest = {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (&shown, count).hash(&mut h);
+            h.finish()
+        };
+        let before = if count == 0 {
+            self.published_holders.remove(&id)
+        } else {
+            self.published_holders.insert(id, digest)
+        };
+        let unchanged = match before {
+            Some(before) => count != 0 && before == digest,
+            None => count == 0,
+        };
+        if unchanged {
+            return; // net unchanged within a group: nothing to tell
+        }
+        self.object_changed(
+            id,
+            HashMap::from([
+                ("Holders", Variant::from(shown)),
+                ("RefCount", Variant::from(count)),
+            ]),
+        );
+    }
+
+    async fn flush_if_full(&mut self) {
+        if self.queued.len() >= SIGNALS_PER_WRITE {
+            self.flush().await;
+        }
+    }
+
+    async fn flush(&mut self) {
+        if self.queued.is_empty() {
+            return;
+        }
+        let msgs = std::mem::take(&mut self.queued);
+        if let Err(e) = self.conn.send_all(&msgs).await {
+            tracing::warn!("could not publish {} signals: {e}", msgs.len());
+        }
+        // Let calls being answered run between two big writes.
+        tokio::task::yield_now().await;
+    }
 }

@@ -14,6 +14,7 @@ mod ids;
 pub mod kernel;
 mod kernel_users;
 mod lifecycle;
+pub mod listing;
 mod model;
 pub mod sim_scsi;
 pub mod uevent;

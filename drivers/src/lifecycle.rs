@@ -360,7 +360,9 @@ impl Model {
         object.id = ObjectId(compose(self.next_object.next(), key));
         let (kind, name, parent) = (object.kind, Arc::clone(&object.name), object.parent);
         let scope = name_slot(kind, object.origin);
+        let id = object.id;
         self.objects.insert(object);
+        self.ordered_insert(id);
         self.names[scope].insert(name, key);
         if parent != NONE {
             let pos = self.obj(parent).children.len() as u32;
@@ -1029,6 +1031,7 @@ impl Model {
             self.drop_request(req);
         }
         let o = self.objects.remove(key as usize);
+        self.ordered_remove();
         debug_assert!(o.ref_count == 0 && o.children.is_empty() && o.bound().is_empty());
         if let Some(by) = o.extra.as_deref().and_then(|e| e.added_by) {
             if let Some(n) = self.added_count.get_mut(&by) {

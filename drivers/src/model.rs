@@ -297,6 +297,11 @@ pub struct Model {
     pub(crate) added_quota: Option<u32>,
     /// Objects still present per client that added them (with a quota only).
     pub(crate) added_count: FxHashMap<u64, u32>,
+    /// Every object's id in the order added, which is id order; removed
+    /// ones are dropped in bulk (`listing.rs`).
+    pub(crate) in_order: Vec<ObjectId>,
+    /// How many ids in `in_order` name removed objects.
+    pub(crate) gone_from_order: usize,
 }
 
 impl Default for Model {
@@ -335,6 +340,8 @@ impl Model {
             object_limit: None,
             added_quota: None,
             added_count: FxHashMap::default(),
+            in_order: Vec::new(),
+            gone_from_order: 0,
         }
     }
 
@@ -585,6 +592,17 @@ impl Model {
             if held != self.held_by {
                 return Err("references per holder do not match a recount".into());
             }
+        }
+        if self.in_order.windows(2).any(|w| w[0] >= w[1]) {
+            return Err("the listing order is not id order".into());
+        }
+        let listed = self
+            .in_order
+            .iter()
+            .filter(|id| self.contains(**id))
+            .count();
+        if listed != self.objects.len() || self.in_order.len() - listed != self.gone_from_order {
+            return Err("the listing order does not hold every object once".into());
         }
         let mut pending = 0u32;
         let mut total_refs = 0usize;
