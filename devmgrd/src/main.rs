@@ -23,6 +23,10 @@ mod users;
 
 use std::process::ExitCode;
 
+/// mimalloc rather than glibc's malloc: see devmgrd/Cargo.toml.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::Parser;
 use drivers::{AddRequest, Kind, Model};
 
