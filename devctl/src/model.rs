@@ -29,6 +29,10 @@ pub struct ObjectInfo {
     pub subsystem: String,
     pub sys_path: String,
     pub last_error: String,
+    /// Another object of the other origin has this kind and name: people
+    /// must be shown (and must type) `udev:NAME` or `api:NAME`.
+    #[serde(skip)]
+    pub scoped: bool,
 }
 
 /// One reference on an object.
@@ -113,6 +117,17 @@ impl ObjectInfo {
             subsystem: prop(props, "Subsystem").unwrap_or_default(),
             sys_path: prop(props, "SysPath").unwrap_or_default(),
             last_error: prop(props, "LastError").unwrap_or_default(),
+            scoped: prop(props, "Scoped").unwrap_or_default(),
+        }
+    }
+
+    /// How its name reads to people: with its scope when it has a namesake
+    /// of the other origin (what devctl accepts back).
+    pub fn display_name(&self) -> String {
+        if self.scoped {
+            format!("{}:{}", self.origin, self.name)
+        } else {
+            self.name.clone()
         }
     }
 
@@ -131,28 +146,108 @@ pub struct Snapshot {
     shared_names: std::collections::HashSet<(String, String)>,
 }
 
-impl Snapshot {
-    /// Reads every object (one GetManagedObjects call).
-    pub async fn read(conn: &Connection) -> Outcome<Snapshot> {
-        let manager = zbus::fdo::ObjectManagerProxy::builder(conn)
-            .destination(proto::BUS_NAME)
-            .path(proto::MANAGER_PATH)
-            .cache_properties(zbus::proxy::CacheProperties::No)
-            .build()
-            .await?;
-        let managed = manager.get_managed_objects().await?;
-        let mut objects = BTreeMap::new();
-        for (path, interfaces) in managed {
-            let Some(props) = interfaces
-                .iter()
-                .find(|(name, _)| name.as_str() == proto::OBJECT_INTERFACE)
-                .map(|(_, props)| props)
-            else {
-                continue;
+/// Objects asked for in one ListObjects page.
+const PAGE: u32 = 1000;
+
+/// Reads every object, page by page (`Manager.ListObjects`, in id order),
+/// handing each page to `each` as it arrives. A daemon older than
+/// ListObjects is read with one GetManagedObjects call instead.
+pub async fn each_page(conn: &Connection, each: impl FnMut(Vec<ObjectInfo>) -> Outcome) -> Outcome {
+    each_page_of(conn, None, each).await
+}
+
+/// [`each_page`], with only these properties of each object (the others
+/// read as empty).
+///
+/// The next page is asked for as soon as a page arrives, before `each`
+/// runs on it: the daemon and the bus work on one page while devctl
+/// prints the one before.
+pub async fn each_page_of(
+    conn: &Connection,
+    properties: Option<&[&str]>,
+    mut each: impl FnMut(Vec<ObjectInfo>) -> Outcome,
+) -> Outcome {
+    let manager = manager(conn).await?;
+    let (pages, mut arrived) = tokio::sync::mpsc::channel::<Vec<proto::proxies::PageEntry>>(2);
+    let fetch = async {
+        // Owned here, so that the consumer sees the end when this ends.
+        let pages = pages;
+        let mut cursor = String::new();
+        loop {
+            let mut query = HashMap::from([
+                ("cursor", zbus::Variant::from(cursor.as_str())),
+                ("limit", zbus::Variant::from(PAGE)),
+            ]);
+            if let Some(names) = properties {
+                query.insert("properties", zbus::Variant::from(names.to_vec()));
+            }
+            let (entries, next) = match manager.list_objects(query).await {
+                Ok(page) => page,
+                Err(proto::Error::ZBus(zbus::Error::MethodError(name, _, _)))
+                    if cursor.is_empty()
+                        && name.as_str() == "org.freedesktop.DBus.Error.UnknownMethod" =>
+                {
+                    return Ok(true);
+                }
+                Err(e) => return Err(Failure::from(e)),
             };
-            let info = ObjectInfo::from_properties(path.as_str(), props);
-            objects.insert(info.id, info);
+            if pages.send(entries).await.is_err() || next.is_empty() {
+                return Ok(false);
+            }
+            cursor = next;
         }
+    };
+    let consume = async {
+        while let Some(entries) = arrived.recv().await {
+            each(
+                entries
+                    .iter()
+                    .map(|(path, props)| ObjectInfo::from_properties(path.as_str(), props))
+                    .collect(),
+            )?;
+        }
+        Ok::<_, Failure>(())
+    };
+    let (fetched, consumed) = tokio::join!(fetch, consume);
+    consumed?;
+    if fetched? {
+        // A daemon older than ListObjects.
+        each(managed_objects(conn).await?)?;
+    }
+    Ok(())
+}
+
+/// Every object from one GetManagedObjects call (daemons before 0.2).
+async fn managed_objects(conn: &Connection) -> Outcome<Vec<ObjectInfo>> {
+    let manager = zbus::fdo::ObjectManagerProxy::builder(conn)
+        .destination(proto::BUS_NAME)
+        .path(proto::MANAGER_PATH)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await?;
+    let managed = manager.get_managed_objects().await?;
+    let mut objects = Vec::new();
+    for (path, interfaces) in managed {
+        if let Some(props) = interfaces
+            .iter()
+            .find(|(name, _)| name.as_str() == proto::OBJECT_INTERFACE)
+            .map(|(_, props)| props)
+        {
+            objects.push(ObjectInfo::from_properties(path.as_str(), props));
+        }
+    }
+    Ok(objects)
+}
+
+impl Snapshot {
+    /// Reads every object (ListObjects, page by page).
+    pub async fn read(conn: &Connection) -> Outcome<Snapshot> {
+        let mut objects = BTreeMap::new();
+        each_page(conn, |page| {
+            objects.extend(page.into_iter().map(|o| (o.id, o)));
+            Ok(())
+        })
+        .await?;
         Ok(Snapshot::from_objects(objects))
     }
 
@@ -194,14 +289,6 @@ impl Snapshot {
     /// The object at `path`, if the snapshot has it.
     pub fn get(&self, path: &str) -> Option<&ObjectInfo> {
         self.by_path.get(path).and_then(|id| self.objects.get(id))
-    }
-
-    /// How a path reads to people: `kind/name`, or `-` for none.
-    pub fn label_of(&self, path: Option<&str>) -> String {
-        match path {
-            None => "-".to_owned(),
-            Some(p) => self.get(p).map_or_else(|| p.to_owned(), ObjectInfo::label),
-        }
     }
 
     /// The name of the object at `path` (or the path), `-` for none.

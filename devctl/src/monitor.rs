@@ -12,7 +12,7 @@ use zbus::{Connection, OwnedObjectPath, OwnedVariant};
 use crate::act::signals;
 use crate::cli::MonitorArgs;
 use crate::failure::{Failure, Outcome};
-use crate::model::{self, now_micros, ObjectInfo, Snapshot};
+use crate::model::{self, now_micros, ObjectInfo};
 use crate::render;
 
 type Interfaces = HashMap<String, HashMap<String, OwnedVariant>>;
@@ -206,16 +206,17 @@ pub async fn monitor(conn: &Connection, args: MonitorArgs, json: bool) -> Outcom
         }
         only = Some(paths);
     }
-    let snapshot = Snapshot::read(conn).await?;
     let mut monitor = Monitor {
         json,
         kind: args.kind,
         only,
         known: HashMap::new(),
     };
-    for o in snapshot.objects.values() {
-        monitor.object("present", o)?;
-    }
+    // What is there already, page by page as it arrives.
+    model::each_page(conn, |page| {
+        page.iter().try_for_each(|o| monitor.object("present", o))
+    })
+    .await?;
     loop {
         tokio::select! {
             msg = stream.next() => match msg {

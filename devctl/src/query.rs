@@ -38,19 +38,20 @@ struct BusInfo {
 }
 
 pub async fn status(found: &Found, json: bool) -> Outcome {
+    // Counts only: a million objects cost no more than ten.
     let manager = model::manager(&found.conn).await?;
     let version = manager.version().await?;
     let objects = manager.object_count().await?;
     let pending_removals = manager.pending_removals().await?;
-    let snapshot = Snapshot::read(&found.conn).await?;
-    let mut by_kind = BTreeMap::new();
-    let mut by_state = BTreeMap::new();
-    let mut references = 0;
-    for o in snapshot.objects.values() {
-        *by_kind.entry(o.kind.clone()).or_insert(0) += 1;
-        *by_state.entry(o.state.clone()).or_insert(0) += 1;
-        references += u64::from(o.ref_count);
-    }
+    let references = u64::from(manager.reference_count().await?);
+    let nonzero = |counts: std::collections::HashMap<String, u32>| {
+        counts
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .collect::<BTreeMap<_, _>>()
+    };
+    let by_kind = nonzero(manager.kind_counts().await?);
+    let by_state = nonzero(manager.state_counts().await?);
     let status = Status {
         version,
         bus: BusInfo {
@@ -110,13 +111,22 @@ async fn owner_of(conn: &Connection) -> Option<String> {
 }
 
 pub async fn list(conn: &Connection, json: bool) -> Outcome {
-    let snapshot = Snapshot::read(conn).await?;
     if json {
+        let snapshot = Snapshot::read(conn).await?;
         let objects: Vec<&ObjectInfo> = snapshot.objects.values().collect();
         return print_json(&objects);
     }
-    out!("{}", render::list(&snapshot));
-    Ok(())
+    // Printed as the pages arrive: the first line comes at once, whatever
+    // the model's size.
+    let mut listing = render::Listing::default();
+    let columns = [
+        "Id", "Kind", "Name", "State", "Driver", "Parent", "RefCount", "Origin",
+    ];
+    model::each_page_of(conn, Some(&columns), |page| {
+        out!("{}", listing.page(&page));
+        Ok(())
+    })
+    .await
 }
 
 #[derive(Serialize)]
@@ -127,25 +137,25 @@ struct TreeNode<'a> {
 }
 
 fn tree_nodes<'a>(snapshot: &'a Snapshot) -> Vec<TreeNode<'a>> {
-    fn node<'a>(o: &'a ObjectInfo, snapshot: &'a Snapshot) -> TreeNode<'a> {
-        let children = snapshot
-            .objects
-            .values()
-            .filter(|c| c.parent.as_deref() == Some(o.path.as_str()))
-            .map(|c| node(c, snapshot))
-            .collect();
+    type Children<'a> = std::collections::HashMap<&'a str, Vec<&'a ObjectInfo>>;
+    fn node<'a>(o: &'a ObjectInfo, children: &Children<'a>) -> TreeNode<'a> {
+        let below = children.get(o.path.as_str()).map_or(&[][..], Vec::as_slice);
         TreeNode {
             object: o,
-            children,
+            children: below.iter().map(|c| node(c, children)).collect(),
         }
     }
-    let mut roots: Vec<&ObjectInfo> = snapshot
-        .objects
-        .values()
-        .filter(|o| o.parent.as_deref().and_then(|p| snapshot.get(p)).is_none())
-        .collect();
+    // Children by parent, in id order: one pass, not one per object.
+    let mut children: Children<'a> = Default::default();
+    let mut roots: Vec<&ObjectInfo> = Vec::new();
+    for o in snapshot.objects.values() {
+        match o.parent.as_deref().filter(|p| snapshot.get(p).is_some()) {
+            Some(parent) => children.entry(parent).or_default().push(o),
+            None => roots.push(o),
+        }
+    }
     roots.sort_by_key(|o| (o.kind != "driver", o.id));
-    roots.into_iter().map(|o| node(o, snapshot)).collect()
+    roots.into_iter().map(|o| node(o, &children)).collect()
 }
 
 pub async fn tree(conn: &Connection, json: bool) -> Outcome {

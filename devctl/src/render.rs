@@ -43,8 +43,22 @@ fn header(text: &str) -> String {
 
 /// Pads plain cells to their column's width; the last column is not padded.
 fn table(rows: &[Vec<String>], styled_column: Option<usize>) -> String {
+    let mut widths = Vec::new();
+    table_part(rows, styled_column, &mut widths, true)
+}
+
+/// Some rows of a table printed in parts (a listing that streams): each
+/// column is as wide as its widest cell so far, so a later part may be
+/// wider than an earlier one but never cuts a cell. With `header`, the
+/// first row is the header.
+fn table_part(
+    rows: &[Vec<String>],
+    styled_column: Option<usize>,
+    widths: &mut Vec<usize>,
+    with_header: bool,
+) -> String {
     let columns = rows.first().map_or(0, Vec::len);
-    let mut widths = vec![0; columns];
+    widths.resize(columns.max(widths.len()), 0);
     for row in rows {
         for (i, cell) in row.iter().enumerate() {
             widths[i] = widths[i].max(cell.chars().count());
@@ -52,6 +66,7 @@ fn table(rows: &[Vec<String>], styled_column: Option<usize>) -> String {
     }
     let mut out = String::new();
     for (r, row) in rows.iter().enumerate() {
+        let r = if with_header { r } else { r + 1 };
         let mut line = String::new();
         for (i, cell) in row.iter().enumerate() {
             let last = i + 1 == columns;
@@ -77,26 +92,59 @@ fn table(rows: &[Vec<String>], styled_column: Option<usize>) -> String {
     out
 }
 
-/// `devctl list`.
-pub fn list(snapshot: &Snapshot) -> String {
-    let mut rows = vec![[
-        "ID", "KIND", "NAME", "STATE", "DRIVER", "PARENT", "REFS", "ORIGIN",
-    ]
-    .map(String::from)
-    .to_vec()];
-    for o in snapshot.objects.values() {
-        rows.push(vec![
-            o.id.to_string(),
-            o.kind.clone(),
-            snapshot.display_name(o),
-            o.state.clone(),
-            snapshot.name_of(o.driver.as_deref()),
-            snapshot.label_of(o.parent.as_deref()),
-            o.ref_count.to_string(),
-            o.origin.clone(),
-        ]);
+const LIST_HEADER: [&str; 8] = [
+    "ID", "KIND", "NAME", "STATE", "DRIVER", "PARENT", "REFS", "ORIGIN",
+];
+
+/// `devctl list`, printed page by page as the pages arrive: parents and
+/// drivers are named from the objects already listed (they come first,
+/// in id order), else by path.
+#[derive(Default)]
+pub struct Listing {
+    widths: Vec<usize>,
+    started: bool,
+    /// kind and name of every object listed so far, by path.
+    seen: std::collections::HashMap<String, (String, String)>,
+}
+
+impl Listing {
+    /// The rows of one page (and the header before the first).
+    pub fn page(&mut self, objects: &[ObjectInfo]) -> String {
+        for o in objects {
+            self.seen
+                .insert(o.path.clone(), (o.kind.clone(), o.name.clone()));
+        }
+        let mut rows = Vec::with_capacity(objects.len() + 1);
+        let header = !self.started;
+        if header {
+            rows.push(LIST_HEADER.map(String::from).to_vec());
+            self.started = true;
+        }
+        let name_of = |p: Option<&str>, with_kind: bool| match p {
+            None => "-".to_owned(),
+            Some(p) => match self.seen.get(p) {
+                Some((kind, name)) if with_kind => format!("{kind}/{name}"),
+                Some((_, name)) => name.clone(),
+                None => p.to_owned(),
+            },
+        };
+        for o in objects {
+            rows.push(vec![
+                o.id.to_string(),
+                o.kind.clone(),
+                o.display_name(),
+                o.state.clone(),
+                name_of(o.driver.as_deref(), false),
+                name_of(o.parent.as_deref(), true),
+                o.ref_count.to_string(),
+                o.origin.clone(),
+            ]);
+        }
+        if rows.is_empty() {
+            return String::new();
+        }
+        table_part(&rows, Some(3), &mut self.widths, header)
     }
-    table(&rows, Some(3))
 }
 
 /// `devctl tree`: drivers, then each root with its children below it, like lsblk.

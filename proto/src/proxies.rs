@@ -8,6 +8,10 @@ use zbus::{ObjectPath, OwnedFd, OwnedObjectPath, Variant};
 
 use crate::{Error, HolderTuple};
 
+/// One `ListObjects` entry: an object's path and its properties (those of
+/// `org.devmgr.DevMgr1.Object`, and `Scoped`).
+pub type PageEntry = (OwnedObjectPath, HashMap<String, zbus::OwnedVariant>);
+
 /// The `a{sv}` options every method takes.
 pub type Options<'a> = HashMap<&'a str, Variant<'a>>;
 
@@ -30,6 +34,10 @@ pub trait Manager {
     /// The live object of this kind and name.
     fn find_object(&self, kind: &str, name: &str) -> Result<OwnedObjectPath, Error>;
 
+    /// One page of objects in id order, and the cursor of the next ("" at
+    /// the end); options in docs/contract.md, "Listing a big model".
+    fn list_objects(&self, query: Options<'_>) -> Result<(Vec<PageEntry>, String), Error>;
+
     /// The contract version.
     #[zbus(property)]
     fn version(&self) -> zbus::Result<String>;
@@ -41,6 +49,18 @@ pub trait Manager {
     /// How many removal requests are pending.
     #[zbus(property)]
     fn pending_removals(&self) -> zbus::Result<u32>;
+
+    /// How many references are held, kernel users included.
+    #[zbus(property)]
+    fn reference_count(&self) -> zbus::Result<u32>;
+
+    /// Objects per kind.
+    #[zbus(property)]
+    fn kind_counts(&self) -> zbus::Result<HashMap<String, u32>>;
+
+    /// Objects per state.
+    #[zbus(property)]
+    fn state_counts(&self) -> zbus::Result<HashMap<String, u32>>;
 
     /// An object left the model.
     #[zbus(signal)]

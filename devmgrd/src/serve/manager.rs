@@ -33,6 +33,8 @@ pub mod list_options {
     pub const ORIGIN: &str = "origin";
     /// `o`: only this object and those below it.
     pub const SUBTREE: &str = "subtree";
+    /// `as`: only these properties of each object (absent: all).
+    pub const PROPERTIES: &str = "properties";
 }
 
 /// Answers a call on the manager's path.
@@ -67,10 +69,17 @@ async fn manager_properties(
     if wanted != proto::MANAGER_INTERFACE {
         return Ok(None);
     }
-    let (objects, pending, (kinds, states)) = call
+    let (objects, pending, references, (kinds, states)) = call
         .shared
         .handle
-        .read(|m| (m.object_count(), m.pending_removals(), m.counts()))
+        .read(|m| {
+            (
+                m.object_count(),
+                m.pending_removals(),
+                m.reference_count(),
+                m.counts(),
+            )
+        })
         .await
         .map_err(from_owner)?;
     let by_name = |counts: Vec<(&'static str, u32)>| {
@@ -91,6 +100,10 @@ async fn manager_properties(
             Variant::from(u32::try_from(objects).unwrap_or(u32::MAX)),
         ),
         ("PendingRemovals", Variant::from(pending)),
+        (
+            "ReferenceCount",
+            Variant::from(u32::try_from(references).unwrap_or(u32::MAX)),
+        ),
         (
             "KindCounts",
             by_name(kinds.into_iter().map(|(k, n)| (k.as_str(), n)).collect()),
@@ -182,11 +195,27 @@ async fn list(call: &Call) -> Answer {
             Some(required(&path, keys::SUBTREE)?)
         }
     };
+    let wanted = match options.remove(keys::PROPERTIES) {
+        None => None,
+        Some(v) => {
+            let names = Vec::<String>::try_from(v).map_err(|e| bad_option(keys::PROPERTIES, e))?;
+            if let Some(bad) = names
+                .iter()
+                .find(|n| !properties::OBJECT_PROPERTIES.contains(&n.as_str()))
+            {
+                return Err(proto::Error::InvalidArgument(format!(
+                    "option \"properties\": no property {bad:?}"
+                ))
+                .into());
+            }
+            Some(names)
+        }
+    };
     super::args::no_options(&options)?;
     let budget = call.shared.holders_budget();
     // Half the bus's limit: a page is never near it.
     let page_bytes = call.shared.max_message / 2;
-    let (objects, next) = call
+    let (objects, scoped, next) = call
         .shared
         .handle
         .read(move |m| {
@@ -203,21 +232,43 @@ async fn list(call: &Call) -> Answer {
                 used += properties::object_size(info, budget);
                 used <= page_bytes
             })?;
-            Ok::<_, drivers::Error>((page.objects, cursor_of(page.next)))
+            let scoped: Vec<bool> = page.objects.iter().map(|o| is_scoped(m, o)).collect();
+            Ok::<_, drivers::Error>((page.objects, scoped, cursor_of(page.next)))
         })
         .await
         .map_err(from_owner)?
         .map_err(from_engine)?;
     let entries: Vec<Entry> = objects
         .iter()
-        .map(|info| {
-            (
-                path_of(Some(info.id)),
-                properties::object_properties(info, budget),
-            )
+        .zip(scoped)
+        .map(|(info, scoped)| {
+            let mut props = match &wanted {
+                None => properties::object_properties(info, budget),
+                Some(names) => names
+                    .iter()
+                    .filter_map(|name| {
+                        let name = properties::OBJECT_PROPERTIES
+                            .iter()
+                            .find(|p| **p == name.as_str())?;
+                        properties::object_property(info, name, budget).map(|v| (*name, v))
+                    })
+                    .collect(),
+            };
+            props.insert("Scoped", Variant::from(scoped));
+            (path_of(Some(info.id)), props)
         })
         .collect();
     call.reply(&(entries, next)).await
+}
+
+/// Whether an object of the other origin has the same kind and name (both
+/// not `gone`): a client must then name it with its scope (`udev:host0`).
+fn is_scoped(m: &drivers::Model, o: &ObjectInfo) -> bool {
+    let other = match o.origin {
+        Origin::Api => Origin::Udev,
+        Origin::Udev => Origin::Api,
+    };
+    o.state != State::Gone && m.find_in(o.kind, other, &o.name).is_ok()
 }
 
 /// GetManagedObjects: every object, if they fit in one message.
