@@ -98,6 +98,11 @@ pub struct Args {
     /// (0: no limit). Past it, Add answers QuotaExceeded [default: 65536].
     #[arg(long, value_name = "N")]
     pub max_objects_per_client: Option<u32>,
+    /// The largest message the bus accepts, in bytes (2 MiB to 128 MiB);
+    /// devmgrd never sends a bigger one. [default: read from dbus-daemon's
+    /// configuration for the system and session buses, else 33554432]
+    #[arg(long, value_name = "BYTES")]
+    pub max_message_size: Option<u64>,
     /// Keep what clients change (objects they add, stopped and removing
     /// states, bindings) in DIR, durable before each reply, and restore it
     /// at start. References do not survive a restart. [default:
@@ -115,7 +120,8 @@ Files:
   /etc/devmgr/devmgrd.toml   the configuration file (keys: subsystems, udev,
                              udev-source, actuate, authorized-group,
                              restrict-acquire, max-references-per-client,
-                             max-objects, max-objects-per-client, state-dir)
+                             max-objects, max-objects-per-client,
+                             max-message-size, state-dir)
   /var/lib/devmgr            the state directory of the systemd service
 
 Logging goes to the journal when systemd connects stderr to it

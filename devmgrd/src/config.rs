@@ -36,6 +36,7 @@ pub struct File {
     max_references_per_client: Option<u32>,
     max_objects: Option<usize>,
     max_objects_per_client: Option<u32>,
+    max_message_size: Option<Spanned<u64>>,
     state_dir: Option<Spanned<String>>,
 }
 
@@ -106,6 +107,8 @@ pub struct Settings {
     pub max_references_per_client: u32,
     pub max_objects: usize,
     pub max_objects_per_client: u32,
+    /// The bus's largest message, if configured (else learned).
+    pub max_message_size: Option<usize>,
     pub state_dir: Option<PathBuf>,
 }
 
@@ -144,6 +147,14 @@ pub fn settings(args: cli::Args, state_directory: Option<&str>) -> Result<Settin
         (None, Some(name)) => {
             let span = name.span();
             Some(lookup_group(name.into_inner()).map_err(|why| at(span, why))?)
+        }
+        (None, None) => None,
+    };
+    let max_message_size = match (args.max_message_size, file.max_message_size) {
+        (Some(n), _) => Some(check_message_size(n)?),
+        (None, Some(n)) => {
+            let span = n.span();
+            Some(check_message_size(n.into_inner()).map_err(|why| at(span, why))?)
         }
         (None, None) => None,
     };
@@ -193,8 +204,23 @@ pub fn settings(args: cli::Args, state_directory: Option<&str>) -> Result<Settin
             .max_objects_per_client
             .or(file.max_objects_per_client)
             .unwrap_or(MAX_OBJECTS_PER_CLIENT),
+        max_message_size,
         state_dir,
     })
+}
+
+/// A message size limit devmgrd can live with: one object's properties
+/// (256 attributes of 4 KiB) must fit, and D-Bus allows no more than 128 MiB.
+fn check_message_size(n: u64) -> Result<usize, String> {
+    const LOW: u64 = 2 * 1024 * 1024;
+    let high = crate::serve::limits::PROTOCOL_MAX as u64;
+    if (LOW..=high).contains(&n) {
+        usize::try_from(n).map_err(|_| format!("max-message-size {n} is too large here"))
+    } else {
+        Err(format!(
+            "max-message-size is {n}: it must be between {LOW} and {high} bytes"
+        ))
+    }
 }
 
 /// Subsystem names as the kernel spells them (`scsi_host`, `block`), at
@@ -250,6 +276,7 @@ mod tests {
              max-references-per-client = 7\n\
              max-objects = 100\n\
              max-objects-per-client = 3\n\
+             max-message-size = 4194304\n\
              state-dir = \"/var/lib/devmgr\"\n",
         ))
         .expect("parses");
@@ -261,6 +288,10 @@ mod tests {
         assert_eq!(file.max_references_per_client, Some(7));
         assert_eq!(file.max_objects, Some(100));
         assert_eq!(file.max_objects_per_client, Some(3));
+        assert_eq!(
+            file.max_message_size.map(Spanned::into_inner),
+            Some(4_194_304)
+        );
         assert_eq!(file.restrict_acquire, Some(true));
         assert_eq!(file.udev, Some(true));
     }
@@ -309,6 +340,10 @@ mod tests {
         assert!(check_subsystems(vec![]).is_err());
         assert!(check_subsystems(vec!["block,net".into()]).is_err());
         assert!(check_subsystems(vec!["scsi_host".into(), "net".into()]).is_ok());
+        // One object's properties must fit; D-Bus allows no more.
+        assert!(check_message_size(1024 * 1024).is_err());
+        assert!(check_message_size(256 * 1024 * 1024).is_err());
+        assert_eq!(check_message_size(2 * 1024 * 1024), Ok(2 * 1024 * 1024));
     }
 
     #[test]

@@ -90,6 +90,7 @@ async fn serve(
     handle: &owner::ModelHandle,
     authz: &authz::Authorizer,
     bus: (&str, serve::limits::BusType),
+    configured_limit: Option<usize>,
     batches: tokio::sync::mpsc::UnboundedReceiver<owner::Batch>,
 ) -> Result<zbus::Connection, Refused> {
     let (label, bus_type) = bus;
@@ -107,7 +108,7 @@ async fn serve(
             ))
         }
     };
-    let max_message = serve::limits::max_message_size(bus_type);
+    let max_message = configured_limit.unwrap_or_else(|| serve::limits::max_message_size(bus_type));
     tracing::debug!("the {label} bus accepts messages of up to {max_message} bytes");
     let shared = serve::Shared {
         handle: handle.clone(),
@@ -286,7 +287,8 @@ async fn run(settings: Settings) -> Result<(), String> {
             let Some(taken) = batches.take() else {
                 return Err("the model's batches are gone".to_owned());
             };
-            match serve(builder, &handle, &authz, (&label, bus_type), taken).await {
+            let limit = settings.max_message_size;
+            match serve(builder, &handle, &authz, (&label, bus_type), limit, taken).await {
                 Ok(conn) => Some((conn, label)),
                 Err(refused) if refused.fall_back && auto => {
                     tracing::warn!("{}; serving on an embedded bus instead", refused.why);
@@ -312,6 +314,7 @@ async fn run(settings: Settings) -> Result<(), String> {
                 &handle,
                 &authz,
                 ("embedded", BusType::Unknown),
+                settings.max_message_size,
                 taken,
             )
             .await
