@@ -90,6 +90,12 @@ pub struct Args {
     /// limit). Past it, Acquire answers QuotaExceeded [default: 4096].
     #[arg(long, value_name = "N")]
     pub max_references_per_client: Option<u32>,
+    /// Most references one user (uid) may hold at once over all its
+    /// connections (0: no limit). Past it, Acquire answers QuotaExceeded
+    /// [default: a quarter of the references devmgrd can hold, which is its
+    /// open-files limit less a reserve of 5120]
+    #[arg(long, value_name = "N")]
+    pub max_references_per_user: Option<u32>,
     /// Most objects the model may hold when a client adds more (0: no
     /// limit); real devices are modelled regardless [default: 1000000].
     #[arg(long, value_name = "N")]
@@ -120,6 +126,7 @@ Files:
   /etc/devmgr/devmgrd.toml   the configuration file (keys: subsystems, udev,
                              udev-source, actuate, authorized-group,
                              restrict-acquire, max-references-per-client,
+                             max-references-per-user,
                              max-objects, max-objects-per-client,
                              max-message-size, state-dir)
   /var/lib/devmgr            the state directory of the systemd service

@@ -34,6 +34,7 @@ pub struct File {
     authorized_group: Option<Spanned<String>>,
     restrict_acquire: Option<bool>,
     max_references_per_client: Option<u32>,
+    max_references_per_user: Option<u32>,
     max_objects: Option<usize>,
     max_objects_per_client: Option<u32>,
     max_message_size: Option<Spanned<u64>>,
@@ -105,6 +106,8 @@ pub struct Settings {
     pub authorized_group: Option<(String, u32)>,
     pub restrict_acquire: bool,
     pub max_references_per_client: u32,
+    /// None: the default, a share of what the fd limit allows.
+    pub max_references_per_user: Option<u32>,
     pub max_objects: usize,
     pub max_objects_per_client: u32,
     /// The bus's largest message, if configured (else learned).
@@ -199,6 +202,9 @@ pub fn settings(args: cli::Args, state_directory: Option<&str>) -> Result<Settin
             .max_references_per_client
             .or(file.max_references_per_client)
             .unwrap_or(MAX_REFERENCES_PER_CLIENT),
+        max_references_per_user: args
+            .max_references_per_user
+            .or(file.max_references_per_user),
         max_objects: args.max_objects.or(file.max_objects).unwrap_or(MAX_OBJECTS),
         max_objects_per_client: args
             .max_objects_per_client
@@ -274,6 +280,7 @@ mod tests {
              authorized-group = \"root\"\n\
              restrict-acquire = true\n\
              max-references-per-client = 7\n\
+             max-references-per-user = 9\n\
              max-objects = 100\n\
              max-objects-per-client = 3\n\
              max-message-size = 4194304\n\
@@ -286,6 +293,7 @@ mod tests {
         );
         assert_eq!(file.actuate, Some(false));
         assert_eq!(file.max_references_per_client, Some(7));
+        assert_eq!(file.max_references_per_user, Some(9));
         assert_eq!(file.max_objects, Some(100));
         assert_eq!(file.max_objects_per_client, Some(3));
         assert_eq!(

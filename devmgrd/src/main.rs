@@ -220,6 +220,20 @@ async fn run(settings: Settings) -> Result<(), String> {
     // After the restore: the limits are for what clients add from now on.
     let model = &mut owned.model;
     model.set_reference_quota(Some(settings.max_references_per_client).filter(|&n| n > 0));
+    // Each reference holds a file descriptor open: all of them together may
+    // not take the descriptors devmgrd needs for its own work, and one user
+    // may not take them all (issue 13).
+    let capacity = reference_capacity();
+    let per_user = settings
+        .max_references_per_user
+        .unwrap_or_else(|| u32::try_from(capacity / 4).unwrap_or(u32::MAX));
+    model.set_reference_limit(Some(capacity));
+    model.set_user_reference_quota(Some(per_user).filter(|&n| n > 0));
+    tracing::info!(
+        "references: at most {capacity} in all, {} per user, {} per client connection",
+        limit_text(per_user),
+        limit_text(settings.max_references_per_client)
+    );
     model.set_object_limit(Some(settings.max_objects).filter(|&n| n > 0));
     model.set_added_quota(Some(settings.max_objects_per_client).filter(|&n| n > 0));
     let actuation = effects::Actuation {
@@ -415,6 +429,26 @@ async fn bus_lost(
             None => format!("lost the connection to the {label} bus"),
         }
     })
+}
+
+/// File descriptors kept for devmgrd's own work (the bus, the kernel users
+/// watcher's pidfds (at most 4,096), the state directory, udev): no
+/// reference may take them.
+const RESERVED_FDS: u64 = 5120;
+
+/// How many references devmgrd can hold: its open-files limit (already
+/// raised to the hard limit) less the reserve, and at least 256.
+fn reference_capacity() -> usize {
+    let soft = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft);
+    usize::try_from(soft.saturating_sub(RESERVED_FDS).max(256)).unwrap_or(usize::MAX)
+}
+
+fn limit_text(n: u32) -> String {
+    if n == 0 {
+        "no limit".to_owned()
+    } else {
+        n.to_string()
+    }
 }
 
 /// SIGTERM and SIGINT, caught from now on.

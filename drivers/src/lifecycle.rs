@@ -523,6 +523,30 @@ impl Model {
         validate::reason(&reason)?;
         self.require_live_chain(key, "accepts no new references")?;
         self.require_reference_room()?;
+        if let Some(limit) = self.reference_limit {
+            if self.api_references >= limit {
+                return Err(Error::new(
+                    ErrorKind::QuotaExceeded,
+                    format!(
+                        "{} references are held; the daemon takes no more \
+                         (each costs it a file descriptor, and its limit keeps a reserve)",
+                        self.api_references
+                    ),
+                ));
+            }
+        }
+        if let Some(quota) = self.user_reference_quota {
+            let held = self.held_by_user.get(&holder.uid).copied().unwrap_or(0);
+            if held >= quota {
+                return Err(Error::new(
+                    ErrorKind::QuotaExceeded,
+                    format!(
+                        "uid {} holds {held} references; the limit per user is {quota}",
+                        holder.uid
+                    ),
+                ));
+            }
+        }
         if let Some(quota) = self.reference_quota {
             let held = self.held_by.get(&holder.key).copied().unwrap_or(0);
             if held >= quota {
@@ -536,6 +560,10 @@ impl Model {
             }
             *self.held_by.entry(holder.key).or_insert(0) += 1;
         }
+        if self.user_reference_quota.is_some() {
+            *self.held_by_user.entry(holder.uid).or_insert(0) += 1;
+        }
+        self.api_references += 1;
         Ok(self.insert_reference(key, holder, reason, now, None))
     }
 
@@ -620,11 +648,22 @@ impl Model {
     /// Removes a reference from the indexes; returns the object it was on.
     fn detach_ref(&mut self, rkey: Key) -> Key {
         let r = self.refs.remove(rkey as usize);
+        if r.kernel.is_none() {
+            self.api_references -= 1;
+        }
         if self.reference_quota.is_some() && r.kernel.is_none() {
             if let Some(held) = self.held_by.get_mut(&r.holder.key) {
                 *held -= 1;
                 if *held == 0 {
                     self.held_by.remove(&r.holder.key);
+                }
+            }
+        }
+        if self.user_reference_quota.is_some() && r.kernel.is_none() {
+            if let Some(held) = self.held_by_user.get_mut(&r.holder.uid) {
+                *held -= 1;
+                if *held == 0 {
+                    self.held_by_user.remove(&r.holder.uid);
                 }
             }
         }

@@ -291,6 +291,15 @@ pub struct Model {
     /// References per holder key; kept only while a quota is set, so the
     /// unlimited engine pays nothing for it.
     pub(crate) held_by: FxHashMap<u64, u32>,
+    /// Most references one user (by uid) may have, if limited.
+    pub(crate) user_reference_quota: Option<u32>,
+    /// References per uid; kept only while that quota is set.
+    pub(crate) held_by_user: FxHashMap<u32, u32>,
+    /// Most references (the kernel's users aside) all holders together may
+    /// have, if limited: the daemon's file descriptors less a reserve.
+    pub(crate) reference_limit: Option<usize>,
+    /// References held, the kernel's users aside.
+    pub(crate) api_references: usize,
     /// Most objects the model may hold when a client adds more, if limited.
     pub(crate) object_limit: Option<usize>,
     /// Most objects one client may have added (still present), if limited.
@@ -337,6 +346,10 @@ impl Model {
             walking: None,
             reference_quota: None,
             held_by: FxHashMap::default(),
+            user_reference_quota: None,
+            held_by_user: FxHashMap::default(),
+            reference_limit: None,
+            api_references: 0,
             object_limit: None,
             added_quota: None,
             added_count: FxHashMap::default(),
@@ -369,6 +382,26 @@ impl Model {
                 *self.held_by.entry(r.holder.key).or_insert(0) += 1;
             }
         }
+    }
+
+    /// Limits how many references one user (one uid, over all its
+    /// connections) may have at once; `None` lifts the limit. Past it,
+    /// `acquire` is refused with `QuotaExceeded` and changes nothing.
+    pub fn set_user_reference_quota(&mut self, quota: Option<u32>) {
+        self.user_reference_quota = quota;
+        self.held_by_user.clear();
+        if quota.is_some() {
+            for (_, r) in self.refs.iter().filter(|(_, r)| r.kernel.is_none()) {
+                *self.held_by_user.entry(r.holder.uid).or_insert(0) += 1;
+            }
+        }
+    }
+
+    /// Limits how many references all holders together may have (the
+    /// kernel's users are never refused and never counted); `None` lifts
+    /// the limit. Past it, `acquire` is refused with `QuotaExceeded`.
+    pub fn set_reference_limit(&mut self, limit: Option<usize>) {
+        self.reference_limit = limit;
     }
 
     /// Takes the events produced since the last call, oldest first.
@@ -582,6 +615,19 @@ impl Model {
             }
             if added != self.added_count {
                 return Err("objects per adding client do not match a recount".into());
+            }
+        }
+        let api = self.refs.iter().filter(|(_, r)| r.kernel.is_none()).count();
+        if api != self.api_references {
+            return Err("references held do not match a recount".into());
+        }
+        if self.user_reference_quota.is_some() {
+            let mut held: FxHashMap<u32, u32> = FxHashMap::default();
+            for (_, r) in self.refs.iter().filter(|(_, r)| r.kernel.is_none()) {
+                *held.entry(r.holder.uid).or_insert(0) += 1;
+            }
+            if held != self.held_by_user {
+                return Err("references per user do not match a recount".into());
             }
         }
         if self.reference_quota.is_some() {

@@ -480,6 +480,12 @@ impl Daemon {
         Daemon::launch_with(&bus.address, &[], args, env)
     }
 
+    /// Starts devmgrd on the bus at `address`, through `wrapper` (e.g.
+    /// `prlimit … --`), with these arguments.
+    pub fn start_at_wrapped(address: &str, wrapper: &[&str], args: &[&str]) -> Daemon {
+        Daemon::launch(address, wrapper, args)
+    }
+
     fn launch(address: &str, wrapper: &[&str], args: &[&str]) -> Daemon {
         Daemon::launch_with(address, wrapper, args, &[])
     }

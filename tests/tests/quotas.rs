@@ -86,3 +86,181 @@ async fn object_quotas(args: &[&str]) {
         "logged once per client:\n{log}"
     );
 }
+
+/// Acquires on device `argv[2]` until refused, as whoever runs it, over
+/// `argv[3]` connections in turn; prints how many it got, then the error.
+const ACQUIRE_UNTIL_REFUSED: &str = r#"import dbus, sys
+conns = [dbus.bus.BusConnection(sys.argv[1]) for _ in range(int(sys.argv[3]))]
+held, n = [], 0
+while True:
+    bus = conns[n % len(conns)]
+    m = dbus.Interface(bus.get_object("org.devmgr.DevMgr1", "/org/devmgr/DevMgr1", introspect=False),
+                       "org.devmgr.DevMgr1.Manager")
+    o = bus.get_object("org.devmgr.DevMgr1", m.FindObject("device", sys.argv[2]), introspect=False)
+    try:
+        held.append(o.Acquire("take", dbus.Dictionary({}, signature="sv"),
+                              dbus_interface="org.devmgr.DevMgr1.Object"))
+        n += 1
+    except dbus.exceptions.DBusException as e:
+        print(n)
+        print(e.get_dbus_name())
+        print(e.get_dbus_message())
+        sys.stdout.flush()
+        break
+sys.stdin.read()
+"#;
+
+/// Each reference costs devmgrd a file descriptor. With its open-files
+/// limit lowered to 5,632, it holds at most 512 (5,120 are kept for its own
+/// work) and one user at most a quarter of that, over any number of
+/// connections: one user cannot take what every user needs, and when the
+/// capacity is reached the refusal is QuotaExceeded, never Failed, and
+/// devmgrd keeps serving.
+#[test]
+fn references_are_limited_per_user_and_in_all_by_the_descriptors_left() {
+    use devmgr_tests::system_bus::SystemBus;
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+    let bus = SystemBus::start();
+    let _daemon = Daemon::start_at_wrapped(
+        &bus.address,
+        &["prlimit", "--nofile=5632:5632", "--"],
+        &["--no-udev"],
+    );
+    bench_runtime().block_on(async {
+        let client = Client::connect(&bus.address).await;
+        let sim = client.sim_scsi().await;
+        client
+            .add(
+                "host",
+                "host0",
+                None,
+                options(&[
+                    ("driver", Variant::from(sim.as_ref())),
+                    ("luns", Variant::from(2u32)),
+                ]),
+            )
+            .await;
+    });
+    // A holder that keeps what it got until its stdin closes.
+    let hold = |user: Option<&str>, conns: &str| {
+        let mut command = match user {
+            Some(user) => {
+                let mut c = Command::new("setpriv");
+                c.args([
+                    &format!("--reuid={user}"),
+                    "--regid=nogroup",
+                    "--clear-groups",
+                    "--",
+                ]);
+                c.arg("/usr/bin/python3");
+                c
+            }
+            None => Command::new("/usr/bin/python3"),
+        };
+        let mut child = command
+            .args(["-c", ACQUIRE_UNTIL_REFUSED, &bus.address, "0:0:0:1", conns])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut lines = Vec::new();
+        for _ in 0..3 {
+            let mut line = String::new();
+            out.read_line(&mut line).expect("a line");
+            lines.push(line.trim().to_owned());
+        }
+        (child, lines)
+    };
+    // nobody, over 8 connections: a quarter of 512.
+    let (mut nobody, said) = hold(Some("nobody"), "8");
+    assert_eq!(said[0], "128", "{said:?}");
+    assert_eq!(
+        said[1], "org.devmgr.DevMgr1.Error.QuotaExceeded",
+        "{said:?}"
+    );
+    assert!(
+        said[2].contains("uid 65534 holds 128 references; the limit per user is 128"),
+        "{said:?}"
+    );
+    // Another user (root) still gets its share, and so on until every
+    // reference devmgrd can hold is taken; the last refusal names why.
+    let (mut root, said) = hold(None, "8");
+    assert_eq!(said[0], "128", "{said:?}");
+    let (mut daemon_user, said) = hold(Some("daemon"), "2");
+    assert_eq!(said[0], "128", "{said:?}");
+    let (mut bin_user, said) = hold(Some("bin"), "2");
+    assert_eq!(said[0], "128", "{said:?}");
+    let (mut sys_user, said) = hold(Some("sys"), "2");
+    assert_eq!(said[0], "0", "{said:?}");
+    assert_eq!(
+        said[1], "org.devmgr.DevMgr1.Error.QuotaExceeded",
+        "{said:?}"
+    );
+    assert!(
+        said[2].contains("512 references are held; the daemon takes no more"),
+        "{said:?}"
+    );
+    // devmgrd serves on: a read and a change.
+    let out = busctl_at(
+        &bus.address,
+        &[
+            "get-property",
+            proto::BUS_NAME,
+            proto::MANAGER_PATH,
+            proto::MANAGER_INTERFACE,
+            "ReferenceCount",
+        ],
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "u 512");
+    let out = busctl_at(
+        &bus.address,
+        &[
+            "call",
+            proto::BUS_NAME,
+            proto::MANAGER_PATH,
+            proto::MANAGER_INTERFACE,
+            "Add",
+            "ssoa{sv}",
+            "host",
+            "after",
+            "/",
+            "0",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // One holder lets go: there is room again.
+    for child in [&mut sys_user, &mut bin_user] {
+        drop(child.stdin.take());
+        let _ = child.wait();
+    }
+    wait_for(
+        || {
+            let out = busctl_at(
+                &bus.address,
+                &[
+                    "get-property",
+                    proto::BUS_NAME,
+                    proto::MANAGER_PATH,
+                    proto::MANAGER_INTERFACE,
+                    "ReferenceCount",
+                ],
+            );
+            String::from_utf8_lossy(&out.stdout).trim() == "u 384"
+        },
+        "bin's references to go",
+    );
+    let (mut again, said) = hold(Some("sys"), "1");
+    assert_eq!(said[0], "128", "{said:?}");
+    for child in [&mut nobody, &mut root, &mut daemon_user, &mut again] {
+        if let Some(mut stdin) = child.stdin.take() {
+            let _ = stdin.write_all(b"");
+        }
+        let _ = child.wait();
+    }
+}

@@ -110,7 +110,16 @@ async fn method(call: &Call, id: ObjectId, member: &str) -> Answer {
                 .handles
                 .watch(call.shared.handle.clone(), reference, ours);
             let fd = OwnedFd::from(std::os::fd::OwnedFd::from(theirs));
-            call.reply(&(fd,)).await
+            // Passing the handle may need a descriptor too; if none is left,
+            // the reference goes (our end closes with its watcher) and the
+            // caller learns why, typed.
+            match zbus::Message::method_return(&call.header()).build(&(fd,)) {
+                Ok(reply) => call.send_reply(Ok(reply)).await,
+                Err(e) => Err(proto::Error::QuotaExceeded(format!(
+                    "cannot pass the handle (out of file descriptors?): {e}"
+                ))
+                .into()),
+            }
         }
         "Remove" => {
             use proto::remove_options as keys;
