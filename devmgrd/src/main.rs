@@ -91,6 +91,7 @@ async fn serve(
     authz: &authz::Authorizer,
     bus: (&str, serve::limits::BusType),
     configured_limit: Option<usize>,
+    writable: &store::Writable,
     batches: tokio::sync::mpsc::UnboundedReceiver<owner::Batch>,
 ) -> Result<zbus::Connection, Refused> {
     let (label, bus_type) = bus;
@@ -115,6 +116,7 @@ async fn serve(
         handles: handles::Handles::default(),
         authz: authz.clone(),
         max_message,
+        writable: writable.clone(),
     };
     let calls = match serve::start(&conn, shared.clone()).await {
         Ok(calls) => calls,
@@ -254,11 +256,11 @@ async fn run(settings: Settings) -> Result<(), String> {
     if let Some(updates) = kernel_updates {
         tokio::spawn(owner::record_kernel_users(handle.clone(), updates));
     }
-    let (batches, state_failed) = match store {
-        None => (batches, None),
+    let (batches, state_failed, writable) = match store {
+        None => (batches, None, store::Writable::default()),
         Some((store, kept)) => {
-            let (batches, failed) = store::spawn(store, kept, batches);
-            (batches, Some(failed))
+            let (batches, failed, writable) = store::spawn(store, kept, batches);
+            (batches, Some(failed), writable)
         }
     };
     let authz = authz::Authorizer {
@@ -302,7 +304,17 @@ async fn run(settings: Settings) -> Result<(), String> {
                 return Err("the model's batches are gone".to_owned());
             };
             let limit = settings.max_message_size;
-            match serve(builder, &handle, &authz, (&label, bus_type), limit, taken).await {
+            match serve(
+                builder,
+                &handle,
+                &authz,
+                (&label, bus_type),
+                limit,
+                &writable,
+                taken,
+            )
+            .await
+            {
                 Ok(conn) => Some((conn, label)),
                 Err(refused) if refused.fall_back && auto => {
                     tracing::warn!("{}; serving on an embedded bus instead", refused.why);
@@ -329,6 +341,7 @@ async fn run(settings: Settings) -> Result<(), String> {
                 &authz,
                 ("embedded", BusType::Unknown),
                 settings.max_message_size,
+                &writable,
                 taken,
             )
             .await

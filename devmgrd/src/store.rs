@@ -25,6 +25,32 @@ use crate::persist::{Change, Kept, Link, Record};
 const SNAPSHOT: &str = "state.json";
 const FORMAT: u32 = 1;
 
+/// Room kept in the state directory (a file of this size, `reserve`):
+/// when the filesystem fills up, deleting it lets the change that found
+/// the disk full be written after all (so nothing acknowledged is ever
+/// lost and nothing needs undoing), and what is still in flight after it.
+const RESERVE: &str = "reserve";
+const RESERVE_BYTES: i64 = 1024 * 1024;
+
+/// Whether changes can be kept now: shared by the persister, which knows,
+/// and the D-Bus adapters, which refuse changes while they cannot.
+#[derive(Clone, Default)]
+pub struct Writable(std::sync::Arc<std::sync::Mutex<Option<String>>>);
+
+impl Writable {
+    /// Ok, or why changes are refused (the state directory is full).
+    pub fn check(&self) -> Result<(), String> {
+        match &*self.0.lock().unwrap_or_else(|e| e.into_inner()) {
+            None => Ok(()),
+            Some(why) => Err(why.clone()),
+        }
+    }
+
+    fn set(&self, why: Option<String>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = why;
+    }
+}
+
 /// The snapshot file's contents.
 #[derive(Serialize, Deserialize)]
 struct Snapshot {
@@ -44,6 +70,8 @@ pub struct Store {
     generation: u64,
     journal: File,
     journal_lines: usize,
+    /// Whether `reserve` holds its room.
+    reserved: bool,
     _lock: Flock<File>,
 }
 
@@ -115,8 +143,16 @@ impl Store {
             generation,
             journal,
             journal_lines: 0,
+            reserved: false,
             _lock: lock,
         };
+        let mut store = store;
+        if let Err(e) = store.reserve() {
+            tracing::warn!(
+                "cannot keep {RESERVE_BYTES} bytes in reserve in {}: {e}",
+                dir.display()
+            );
+        }
         Ok((store, kept))
     }
 
@@ -125,17 +161,71 @@ impl Store {
         &self.dir
     }
 
-    /// Appends `changes` to the journal and makes them durable.
-    pub fn append(&mut self, changes: &[Change]) -> std::io::Result<()> {
+    /// Makes the reserve hold its room (allocated, not merely sized).
+    fn reserve(&mut self) -> std::io::Result<()> {
+        let path = self.dir.join(RESERVE);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)?;
+        if let Err(e) = nix::fcntl::posix_fallocate(&file, 0, RESERVE_BYTES) {
+            // Whatever part was allocated would only hide the shortage.
+            let _ = std::fs::remove_file(&path);
+            return Err(e.into());
+        }
+        file.sync_all()?;
+        sync_dir(&self.dir)?;
+        self.reserved = true;
+        Ok(())
+    }
+
+    /// Appends `changes` to the journal and makes them durable. If the
+    /// filesystem is full, the reserve is given up for them: `Ok(true)`
+    /// says that happened (and no more changes should be accepted until
+    /// [`Store::recover`]).
+    pub fn append(&mut self, changes: &[Change]) -> std::io::Result<bool> {
         let mut buffer = Vec::with_capacity(changes.len() * 128);
         for change in changes {
             serde_json::to_writer(&mut buffer, change)?;
             buffer.push(b'\n');
         }
-        self.journal.write_all(&buffer)?;
-        self.journal.sync_data()?;
+        let before = self.journal.metadata()?.len();
+        match self.write_durably(&buffer) {
+            Ok(()) => {}
+            Err(e) if self.reserved && is_full(&e) => {
+                // No torn line may stay behind what comes next.
+                self.journal.set_len(before)?;
+                std::fs::remove_file(self.dir.join(RESERVE))?;
+                self.reserved = false;
+                sync_dir(&self.dir)?;
+                tracing::warn!(
+                    "{} is full ({e}): writing with the reserve; changes are refused until there is room",
+                    self.dir.display()
+                );
+                self.write_durably(&buffer)?;
+                self.journal_lines += changes.len();
+                return Ok(true);
+            }
+            Err(e) => {
+                let _ = self.journal.set_len(before);
+                return Err(e);
+            }
+        }
         self.journal_lines += changes.len();
-        Ok(())
+        Ok(!self.reserved)
+    }
+
+    fn write_durably(&mut self, buffer: &[u8]) -> std::io::Result<()> {
+        self.journal.write_all(buffer)?;
+        self.journal.sync_data()
+    }
+
+    /// Whether the reserve is back (there was room for it): changes may be
+    /// accepted again.
+    pub fn recover(&mut self) -> bool {
+        self.reserved || self.reserve().is_ok()
     }
 
     /// Whether the journal has grown past what a snapshot of `kept` costs.
@@ -159,18 +249,25 @@ impl Store {
             records,
         };
         let temporary = self.dir.join(format!("{SNAPSHOT}.new"));
-        {
+        let written = (|| {
             let mut file = OpenOptions::new()
                 .create(true)
                 .truncate(true)
                 .write(true)
                 .mode(0o600)
                 .open(&temporary)?;
-            serde_json::to_writer(&mut file, &snapshot)?;
+            serde_json::to_writer(std::io::BufWriter::new(&mut file), &snapshot)?;
             file.sync_all()?;
+            std::fs::rename(&temporary, self.dir.join(SNAPSHOT))?;
+            sync_dir(&self.dir)
+        })();
+        if let Err(e) = written {
+            // The old snapshot and journal still stand: undo the new
+            // journal and the half-written snapshot, and go on with them.
+            let _ = std::fs::remove_file(&temporary);
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
         }
-        std::fs::rename(&temporary, self.dir.join(SNAPSHOT))?;
-        sync_dir(&self.dir)?;
         let old = journal_path(&self.dir, self.generation);
         self.generation = generation;
         self.journal = journal;
@@ -187,6 +284,11 @@ fn order(key: &Link) -> (u8, u64, &str) {
         Link::Object(id) => (0, *id, ""),
         Link::Device(path) => (1, 0, path.as_str()),
     }
+}
+
+/// A write refused for want of room (not a failing disk).
+fn is_full(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
 }
 
 fn open_journal(path: &Path) -> std::io::Result<File> {
@@ -222,20 +324,60 @@ fn read_journal(path: &Path, bytes: &[u8], kept: &mut Kept) -> Result<(), String
 
 /// Starts the persister: every batch from the owner goes on to the pump
 /// only once its changes are durable. Batches that wait meanwhile are
-/// written together (one fsync for all). If the disk fails, nothing more
-/// is published and `failed` says why (the daemon must stop: it can no
-/// longer keep its word).
+/// written together (one fsync for all). When the filesystem fills up, the
+/// reserve takes what is in flight, `writable` refuses further changes,
+/// and every two seconds the persister tries to take its reserve back;
+/// once it can, changes are accepted again. If the disk fails otherwise
+/// (or even the reserve is used up), nothing more is published and
+/// `failed` says why (the daemon must stop: it can no longer keep its word).
 pub fn spawn(
     store: Store,
     kept: Kept,
     mut batches: mpsc::UnboundedReceiver<Batch>,
-) -> (mpsc::UnboundedReceiver<Batch>, oneshot::Receiver<String>) {
+) -> (
+    mpsc::UnboundedReceiver<Batch>,
+    oneshot::Receiver<String>,
+    Writable,
+) {
     let (out_tx, out_rx) = mpsc::unbounded_channel();
     let (failed_tx, failed_rx) = oneshot::channel();
+    let writable = Writable::default();
+    let shared = writable.clone();
     tokio::spawn(async move {
         let mut state = Some((store, kept));
         let mut group = Vec::new();
-        while let Some(first) = batches.recv().await {
+        let mut full = false;
+        loop {
+            let first = if full {
+                tokio::select! {
+                    batch = batches.recv() => batch,
+                    () = tokio::time::sleep(std::time::Duration::from_secs(2)) => {
+                        let Some((mut store, kept)) = state.take() else {
+                            return;
+                        };
+                        let recovered = tokio::task::spawn_blocking(move || {
+                            let recovered = store.recover();
+                            (store, kept, recovered)
+                        })
+                        .await;
+                        let Ok((store, kept, recovered)) = recovered else {
+                            return;
+                        };
+                        if recovered {
+                            tracing::info!("{} has room again: changes are accepted", store.dir().display());
+                            full = false;
+                            shared.set(None);
+                        }
+                        state = Some((store, kept));
+                        continue;
+                    }
+                }
+            } else {
+                batches.recv().await
+            };
+            let Some(first) = first else {
+                return;
+            };
             group.push(first);
             while let Ok(batch) = batches.try_recv() {
                 group.push(batch);
@@ -254,7 +396,17 @@ pub fn spawn(
                 })
                 .await;
                 match written {
-                    Ok((store, kept, Ok(()))) => state = Some((store, kept)),
+                    Ok((store, kept, Ok(now_full))) => {
+                        if now_full && !full {
+                            shared.set(Some(format!(
+                                "the state directory {} is full: changes are refused until there \
+                                 is room (references and reads still work)",
+                                store.dir().display()
+                            )));
+                        }
+                        full = now_full;
+                        state = Some((store, kept));
+                    }
                     Ok((_, _, Err(e))) => {
                         let _ = failed_tx.send(format!("cannot write the state: {e}"));
                         return;
@@ -272,16 +424,25 @@ pub fn spawn(
             }
         }
     });
-    (out_rx, failed_rx)
+    (out_rx, failed_rx, writable)
 }
 
-fn write(store: &mut Store, kept: &mut Kept, changes: Vec<Change>) -> std::io::Result<()> {
-    store.append(&changes)?;
+/// Appends, then compacts if due; `Ok(true)`: the filesystem is full (the
+/// changes are durable, but no more should be accepted).
+fn write(store: &mut Store, kept: &mut Kept, changes: Vec<Change>) -> std::io::Result<bool> {
+    let full = store.append(&changes)?;
     for change in changes {
         kept.apply(change);
     }
-    if store.wants_compaction(kept) {
-        store.compact(kept)?;
+    if !full && store.wants_compaction(kept) {
+        // The journal is still whole: a compaction that fails for want of
+        // room is tried again later, it loses nothing.
+        match store.compact(kept) {
+            Err(e) if is_full(&e) => {
+                tracing::warn!("cannot compact the state in {}: {e}", store.dir().display());
+            }
+            other => other?,
+        }
     }
-    Ok(())
+    Ok(full)
 }

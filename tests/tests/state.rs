@@ -561,3 +561,146 @@ async fn references_do_not_survive_a_restart() {
         .expect("still there");
     assert_eq!(client.state(&stopped).await.as_deref(), Some("stopped"));
 }
+
+/// A tmpfs of its own, unmounted when dropped.
+struct SmallDisk(TempDir);
+
+impl SmallDisk {
+    fn mount(tag: &str, size: &str) -> SmallDisk {
+        let dir = TempDir::unique(tag);
+        std::fs::create_dir_all(&dir.0).expect("mount point");
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir.0)
+            .status()
+            .expect("mount")
+            .success();
+        assert!(
+            ok,
+            "cannot mount a tmpfs on {} (root is needed)",
+            dir.0.display()
+        );
+        SmallDisk(dir)
+    }
+
+    /// Fills the filesystem to the last byte with `filler`.
+    fn fill(&self) {
+        use std::io::Write;
+        let mut file = std::fs::File::create(self.0 .0.join("filler")).expect("filler");
+        let block = vec![0u8; 4096];
+        while file.write_all(&block).is_ok() {}
+        let _ = file.write_all(&block[..1]);
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0 .0)
+            .status();
+    }
+}
+
+/// With `--state-dir` on a filesystem that fills up, the change that finds
+/// it full is still kept (devmgrd's reserve), then changes are refused
+/// with QuotaExceeded while references, reads and dry runs go on; once
+/// there is room again devmgrd accepts changes by itself; and every
+/// acknowledged change survives a SIGKILL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_state_directory_refuses_changes_and_recovers_by_itself() {
+    let disk = SmallDisk::mount("state-full", "4m");
+    let dir = disk.0 .0.join("state");
+    let dir = dir.to_str().expect("utf-8").to_owned();
+    let bus = TestBus::start();
+    let args = ["--no-udev", "--state-dir", dir.as_str()];
+    let mut daemon = Daemon::start_with_args(&bus, &args);
+    let client = Client::connect(&bus.address).await;
+    let kept = client.add_host("before").await;
+    disk.fill();
+
+    // Changes go on until one finds the disk full; that one is still kept
+    // (on the reserve), and the next ones are refused, typed, changing
+    // nothing. (The journal's last page may hold a few more first.)
+    let mut acknowledged = vec!["before".to_owned()];
+    let refused = loop {
+        let name = format!("h{}", acknowledged.len());
+        match client.manager.add("host", &name, &root(), none()).await {
+            Ok(_) => acknowledged.push(name),
+            Err(e) => break e,
+        }
+        assert!(acknowledged.len() < 10_000, "the disk never filled");
+    };
+    assert!(
+        daemon.log().contains("writing with the reserve"),
+        "{}",
+        daemon.log()
+    );
+    assert_eq!(
+        error_name(&refused),
+        "org.devmgr.DevMgr1.Error.QuotaExceeded"
+    );
+    assert!(refused.to_string().contains("is full"), "{refused}");
+    let count = client.manager.object_count().await.expect("count");
+    let stop = client
+        .object(&kept)
+        .await
+        .stop(none())
+        .await
+        .expect_err("refused");
+    assert_eq!(error_name(&stop), "org.devmgr.DevMgr1.Error.QuotaExceeded");
+    assert_eq!(client.manager.object_count().await.expect("count"), count);
+    assert_eq!(client.state(&kept).await.as_deref(), Some("live"));
+    // References, reads and a dry run still work.
+    let fd = client.acquire(&kept).await;
+    assert_eq!(client.ref_count(&kept).await, Some(1));
+    let dry = client
+        .remove(&kept, options(&[("dry-run", Value::from(true))]))
+        .await
+        .expect("a dry run");
+    assert_eq!(dry.0, "pending");
+    drop(fd);
+    eventually("the reference to go", || async {
+        client.ref_count(&kept).await == Some(0)
+    })
+    .await;
+    assert!(
+        daemon.child.try_wait().expect("wait").is_none(),
+        "devmgrd exited"
+    );
+
+    // Room again: changes are accepted by themselves, within seconds.
+    std::fs::remove_file(disk.0 .0.join("filler")).expect("remove the filler");
+    let mut after = None;
+    for _ in 0..100 {
+        if let Ok(path) = client.manager.add("host", "after", &root(), none()).await {
+            after = Some(path);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        after.is_some(),
+        "changes still refused after 10 s with room: {}",
+        daemon.log()
+    );
+    assert!(daemon.log().contains("has room again"), "{}", daemon.log());
+
+    // Every acknowledged change survives.
+    daemon.sigkill();
+    let _daemon = Daemon::start_with_args(&bus, &args);
+    let client = Client::connect(&bus.address).await;
+    acknowledged.push("after".to_owned());
+    for name in &acknowledged {
+        assert!(
+            client.manager.find_object("host", name).await.is_ok(),
+            "host {name} was acknowledged but is lost"
+        );
+    }
+    let refused_name = format!("h{}", acknowledged.len() - 1);
+    assert!(client
+        .manager
+        .find_object("host", &refused_name)
+        .await
+        .is_err());
+}

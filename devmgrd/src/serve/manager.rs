@@ -124,6 +124,7 @@ async fn add(call: &Call) -> Answer {
         .authz
         .allow(&call.conn, &header, Verb::Add)
         .await?;
+    call.shared.writable()?;
     let kind: Kind = wire_name("kind", &kind)?;
     let mut request = AddRequest::new(kind, name);
     request.parent = id_of(&parent, "parent")?;

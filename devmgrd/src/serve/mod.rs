@@ -36,9 +36,18 @@ pub struct Shared {
     pub authz: crate::authz::Authorizer,
     /// The largest message the bus accepts from us.
     pub max_message: usize,
+    /// Whether changes can be kept now (`--state-dir` on a full disk).
+    pub writable: crate::store::Writable,
 }
 
 impl Shared {
+    /// Refuses a change while the state directory cannot keep it.
+    pub fn writable(&self) -> Result<(), Failure> {
+        self.writable
+            .check()
+            .map_err(|why| Failure::Ours(proto::Error::QuotaExceeded(why)))
+    }
+
     /// How many bytes one object's `Holders` may take in any message.
     pub fn holders_budget(&self) -> usize {
         (self.max_message / 8).min(4 * 1024 * 1024)

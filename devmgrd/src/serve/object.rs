@@ -135,6 +135,9 @@ async fn method(call: &Call, id: ObjectId, member: &str) -> Answer {
             };
             allow(call, verb).await?;
             let dry_run = flag(&mut options, keys::DRY_RUN)?;
+            if !dry_run {
+                call.shared.writable()?;
+            }
             let timeout = optional_u32(&mut options, keys::TIMEOUT_SEC)?;
             let on_timeout = match options.remove(keys::ON_TIMEOUT) {
                 None => OnTimeout::Revoke,
@@ -158,6 +161,7 @@ async fn method(call: &Call, id: ObjectId, member: &str) -> Answer {
         "Stop" => {
             let (options,): (Options,) = call.args()?;
             allow(call, Verb::Stop).await?;
+            call.shared.writable()?;
             no_options(&options)?;
             run(call, id, |m, id| m.stop(id)).await?;
             call.reply(&()).await
@@ -165,6 +169,7 @@ async fn method(call: &Call, id: ObjectId, member: &str) -> Answer {
         "Reenable" => {
             let (options,): (Options,) = call.args()?;
             allow(call, Verb::Reenable).await?;
+            call.shared.writable()?;
             no_options(&options)?;
             run(call, id, |m, id| m.reenable(id)).await?;
             call.reply(&()).await
@@ -172,6 +177,7 @@ async fn method(call: &Call, id: ObjectId, member: &str) -> Answer {
         "Bind" => {
             let (driver, mut options): (OwnedObjectPath, Options) = call.args()?;
             allow(call, Verb::Bind).await?;
+            call.shared.writable()?;
             let driver = required(&driver, "driver")?;
             let luns = optional_u32(&mut options, proto::add_options::LUNS)?;
             no_options(&options)?;
@@ -184,6 +190,7 @@ async fn method(call: &Call, id: ObjectId, member: &str) -> Answer {
         "Unbind" => {
             let (mut options,): (Options,) = call.args()?;
             allow(call, Verb::Unbind).await?;
+            call.shared.writable()?;
             let force = flag(&mut options, "force")?;
             no_options(&options)?;
             run(call, id, move |m, id| m.unbind(id, force)).await?;
