@@ -245,8 +245,8 @@ impl Outbox {
             Event::Removed { id, kind, name, .. } => {
                 let path: OwnedObjectPath = path_of(Some(id));
                 self.published_holders.remove(&id);
-                let mut interfaces = vec![OBJECT_INTERFACE];
-                interfaces.extend(properties::STANDARD_INTERFACES);
+                // A slice: an array would go out as a structure, `(s)`.
+                let interfaces: &[&str] = &[OBJECT_INTERFACE];
                 self.signal(
                     MANAGER_PATH,
                     OBJECT_MANAGER,
