@@ -91,7 +91,8 @@ pub struct Args {
     #[arg(long, value_name = "N")]
     pub max_references_per_client: Option<u32>,
     /// Most references one user (uid) may hold at once over all its
-    /// connections (0: no limit). Past it, Acquire answers QuotaExceeded
+    /// connections (0: no limit; root and devmgrd's own user are held only
+    /// to the limit in all). Past it, Acquire answers QuotaExceeded
     /// [default: a quarter of the references devmgrd can hold, which is its
     /// open-files limit less a reserve of 5120]
     #[arg(long, value_name = "N")]

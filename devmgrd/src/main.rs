@@ -230,9 +230,12 @@ async fn run(settings: Settings) -> Result<(), String> {
         .max_references_per_user
         .unwrap_or_else(|| u32::try_from(capacity / 4).unwrap_or(u32::MAX));
     model.set_reference_limit(Some(capacity));
-    model.set_user_reference_quota(Some(per_user).filter(|&n| n > 0));
+    // Root and devmgrd's own user could stop it anyway: the limit in all
+    // is theirs.
+    let exempt = [0, proto::runtime::current_uid()];
+    model.set_user_reference_quota(Some(per_user).filter(|&n| n > 0), &exempt);
     tracing::info!(
-        "references: at most {capacity} in all, {} per user, {} per client connection",
+        "references: at most {capacity} in all, {} per user (root aside), {} per client connection",
         limit_text(per_user),
         limit_text(settings.max_references_per_client)
     );

@@ -535,7 +535,10 @@ impl Model {
                 ));
             }
         }
-        if let Some(quota) = self.user_reference_quota {
+        if let Some(quota) = self
+            .user_reference_quota
+            .filter(|_| !self.quota_exempt.contains(&holder.uid))
+        {
             let held = self.held_by_user.get(&holder.uid).copied().unwrap_or(0);
             if held >= quota {
                 return Err(Error::new(

@@ -293,6 +293,8 @@ pub struct Model {
     pub(crate) held_by: FxHashMap<u64, u32>,
     /// Most references one user (by uid) may have, if limited.
     pub(crate) user_reference_quota: Option<u32>,
+    /// Users the per-user quota does not apply to.
+    pub(crate) quota_exempt: Vec<u32>,
     /// References per uid; kept only while that quota is set.
     pub(crate) held_by_user: FxHashMap<u32, u32>,
     /// Most references (the kernel's users aside) all holders together may
@@ -347,6 +349,7 @@ impl Model {
             reference_quota: None,
             held_by: FxHashMap::default(),
             user_reference_quota: None,
+            quota_exempt: Vec::new(),
             held_by_user: FxHashMap::default(),
             reference_limit: None,
             api_references: 0,
@@ -386,9 +389,12 @@ impl Model {
 
     /// Limits how many references one user (one uid, over all its
     /// connections) may have at once; `None` lifts the limit. Past it,
-    /// `acquire` is refused with `QuotaExceeded` and changes nothing.
-    pub fn set_user_reference_quota(&mut self, quota: Option<u32>) {
+    /// `acquire` is refused with `QuotaExceeded` and changes nothing. The
+    /// users in `exempt` (the daemon: root and itself) are held only to
+    /// the limit in all.
+    pub fn set_user_reference_quota(&mut self, quota: Option<u32>, exempt: &[u32]) {
         self.user_reference_quota = quota;
+        self.quota_exempt = exempt.to_vec();
         self.held_by_user.clear();
         if quota.is_some() {
             for (_, r) in self.refs.iter().filter(|(_, r)| r.kernel.is_none()) {
