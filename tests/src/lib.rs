@@ -694,6 +694,22 @@ impl Client {
         self.add("host", name, None, none()).await
     }
 
+    /// Adds `host` bound to sim-scsi with `luns` LUNs (named `N:0:0:LUN`
+    /// for `hostN`), in one call.
+    pub async fn add_sim_host(&self, host: &str, luns: u32) -> OwnedObjectPath {
+        let sim = self.sim_scsi().await;
+        self.add(
+            "host",
+            host,
+            None,
+            options(&[
+                ("driver", Variant::from(sim.as_ref())),
+                ("luns", Variant::from(luns)),
+            ]),
+        )
+        .await
+    }
+
     /// The path of the sim-scsi driver.
     pub async fn sim_scsi(&self) -> OwnedObjectPath {
         self.manager

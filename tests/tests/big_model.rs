@@ -67,22 +67,33 @@ fn limits_file(dir: &TempDir, bytes: usize) -> std::path::PathBuf {
 }
 
 fn add_luns(address: &str, luns: u32) {
-    let rt = bench_runtime();
-    rt.block_on(async {
-        let client = Client::connect(address).await;
-        let sim = client.sim_scsi().await;
-        client
-            .add(
-                "host",
-                "host0",
-                None,
-                options(&[
-                    ("driver", Variant::from(sim.as_ref())),
-                    ("luns", Variant::from(luns)),
-                ]),
-            )
+    bench_runtime().block_on(async {
+        Client::connect(address)
+            .await
+            .add_sim_host("host0", luns)
             .await;
     });
+}
+
+/// Runs [`UNPRIVILEGED`] as nobody on device `lun` with `references`;
+/// checks what every size of model must say, returns every line.
+fn unprivileged(address: &str, lun: &str, references: &str) -> Vec<String> {
+    let out = as_nobody(
+        "/usr/bin/python3",
+        &["-c", UNPRIVILEGED, address, lun, references],
+    );
+    let said = lines(&out);
+    assert!(
+        out.status.success(),
+        "{said:?} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        said[0],
+        "GetManagedObjects org.freedesktop.DBus.Error.LimitsExceeded"
+    );
+    assert_eq!(said[1], "objects-node unlisted");
+    said
 }
 
 /// devmgrd still owns its name and answers, and never logged losing the bus.
@@ -146,21 +157,7 @@ fn an_unprivileged_client_cannot_make_devmgrd_send_more_than_the_bus_takes() {
     // Every PropertiesChanged of the LUN, as a client sees them.
     let changes = rt.block_on(SignalLog::new(&client.conn));
 
-    let out = as_nobody(
-        "/usr/bin/python3",
-        &["-c", UNPRIVILEGED, &bus.address, "0:0:0:77", "400"],
-    );
-    let said = lines(&out);
-    assert!(
-        out.status.success(),
-        "{said:?} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        said[0],
-        "GetManagedObjects org.freedesktop.DBus.Error.LimitsExceeded"
-    );
-    assert_eq!(said[1], "objects-node unlisted");
+    let said = unprivileged(&bus.address, "0:0:0:77", "400");
     // Holders lists what fits in an eighth of the limit (256 KiB: about
     // 240 references of 1 KiB), RefCount counts all 400.
     let getall: Vec<usize> = said[2]
@@ -199,21 +196,7 @@ fn at_160k_objects_nobody_gets_limits_exceeded_and_devctl_still_works() {
     let bus = SystemBus::start();
     let mut daemon = Daemon::start_at(&bus.address, &["--no-udev"]);
     add_luns(&bus.address, 160_000);
-    let out = as_nobody(
-        "/usr/bin/python3",
-        &["-c", UNPRIVILEGED, &bus.address, "0:0:0:159999", "3"],
-    );
-    let said = lines(&out);
-    assert!(
-        out.status.success(),
-        "{said:?} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        said[0],
-        "GetManagedObjects org.freedesktop.DBus.Error.LimitsExceeded"
-    );
-    assert_eq!(said[1], "objects-node unlisted");
+    let said = unprivileged(&bus.address, "0:0:0:159999", "3");
     assert_eq!(said[2], "GetAll 3 3");
     assert_eq!(said[4], "ListObjects 160002");
 
@@ -273,18 +256,7 @@ async fn pages_return_every_object_once_while_the_model_changes() {
     let bus = TestBus::start();
     let _daemon = Daemon::start(&bus);
     let client = Client::connect(&bus.address).await;
-    let sim = client.sim_scsi().await;
-    let host = client
-        .add(
-            "host",
-            "host0",
-            None,
-            options(&[
-                ("driver", Variant::from(sim.as_ref())),
-                ("luns", Variant::from(2000u32)),
-            ]),
-        )
-        .await;
+    let host = client.add_sim_host("host0", 2000).await;
     let mut throughout: HashSet<u64> = HashSet::new();
     let (first, _) = page(&client, &[("limit", Variant::from(10000u32))])
         .await
