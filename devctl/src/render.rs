@@ -353,6 +353,15 @@ pub fn show(o: &ObjectInfo, snapshot_label: impl Fn(Option<&str>) -> String) -> 
         for line in holders(&o.holders).lines() {
             let _ = writeln!(out, "  {line}");
         }
+        // devmgrd lists the newest that fit in one message (docs/contract.md).
+        let shown = o.holders.len();
+        if (shown as u64) < u64::from(o.ref_count) {
+            let _ = writeln!(
+                out,
+                "  … and {} older, not listed (Holders shows the newest {shown})",
+                u64::from(o.ref_count) - shown as u64
+            );
+        }
     }
     out
 }

@@ -631,11 +631,8 @@ async fn a_full_state_directory_refuses_changes_and_recovers_by_itself() {
         }
         assert!(acknowledged.len() < 10_000, "the disk never filled");
     };
-    assert!(
-        daemon.log().contains("writing with the reserve"),
-        "{}",
-        daemon.log()
-    );
+    // (The log is read by a thread of the harness: wait for it.)
+    daemon.wait_for_log("writing with the reserve");
     assert_eq!(
         error_name(&refused),
         "org.devmgr.DevMgr1.Error.QuotaExceeded"
@@ -684,7 +681,7 @@ async fn a_full_state_directory_refuses_changes_and_recovers_by_itself() {
         "changes still refused after 10 s with room: {}",
         daemon.log()
     );
-    assert!(daemon.log().contains("has room again"), "{}", daemon.log());
+    daemon.wait_for_log("has room again");
 
     // Every acknowledged change survives.
     daemon.sigkill();
