@@ -47,6 +47,11 @@ struct Job {
     /// that what it read is exactly what has been published when its
     /// reply goes (a later command's signals never precede it).
     read: bool,
+    /// The one object a call on an object's path is about; `None`: the
+    /// whole model (the manager's calls, the kernel's events, releases).
+    /// The pump lets a call about one object overtake a big publication
+    /// that does not concern it.
+    about: Option<ObjectId>,
 }
 
 /// What the owner hands to the event pump after each command.
@@ -64,6 +69,20 @@ pub struct Batch {
     /// It ends with a read: the pump publishes nothing after it before
     /// delivering the replies.
     pub ends_group: bool,
+    /// The objects its commands were about, if each was about one object
+    /// (`None`: some command concerned the whole model).
+    pub about: Option<Vec<ObjectId>>,
+    /// Its place in the owner's order (batches are numbered as made).
+    pub seq: u64,
+}
+
+impl Batch {
+    /// It ends with a read of the whole model (ListObjects, a count): it
+    /// must see exactly what was published before it, so nothing overtakes
+    /// it.
+    pub fn ends_group_globally(&self) -> bool {
+        self.ends_group && self.about.is_none()
+    }
 }
 
 /// A cheap, cloneable way to send commands to the owner.
@@ -110,7 +129,31 @@ impl ModelHandle {
         &self,
         f: impl FnOnce(&Model) -> R + Send + 'static,
     ) -> Result<R, OwnerGone> {
-        self.send_job(move |owned| f(&owned.model), true).await
+        self.send_job(move |owned| f(&owned.model), true, None)
+            .await
+    }
+
+    /// [`ModelHandle::read`] of one object only: it may be answered while
+    /// a big publication that does not concern `id` is still going out.
+    pub async fn read_about<R: Send + 'static>(
+        &self,
+        id: ObjectId,
+        f: impl FnOnce(&Model) -> R + Send + 'static,
+    ) -> Result<R, OwnerGone> {
+        self.send_job(move |owned| f(&owned.model), true, Some(id))
+            .await
+    }
+
+    /// [`ModelHandle::call`] of a command about one object only (a call on
+    /// its path): its events and reply may overtake a big publication
+    /// that does not concern the objects its events name.
+    pub async fn call_about<R: Send + 'static>(
+        &self,
+        id: ObjectId,
+        f: impl FnOnce(&mut Model) -> R + Send + 'static,
+    ) -> Result<R, OwnerGone> {
+        self.send_job(move |owned| f(&mut owned.model), false, Some(id))
+            .await
     }
 
     /// Same as `call`, with the tracker too (for what only the owner may
@@ -119,13 +162,14 @@ impl ModelHandle {
         &self,
         f: impl FnOnce(&mut Owned) -> R + Send + 'static,
     ) -> Result<R, OwnerGone> {
-        self.send_job(f, false).await
+        self.send_job(f, false, None).await
     }
 
     async fn send_job<R: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Owned) -> R + Send + 'static,
         read: bool,
+        about: Option<ObjectId>,
     ) -> Result<R, OwnerGone> {
         let (tx, rx) = oneshot::channel();
         let job = Job {
@@ -137,6 +181,7 @@ impl ModelHandle {
                 })
             }),
             read,
+            about,
         };
         self.jobs.send(job).map_err(|_| OwnerGone)?;
         rx.await.map_err(|_| OwnerGone)
@@ -158,6 +203,7 @@ pub fn spawn(
     let handle = ModelHandle { jobs: jobs_tx };
     let effects = crate::effects::spawn(handle.downgrade(), actuation, watcher);
     tokio::spawn(async move {
+        let mut seq = 0u64;
         loop {
             // Sleep until the next command or the next removal deadline
             // (rule 10), whichever comes first.
@@ -180,6 +226,7 @@ pub fn spawn(
                                 Box::new(|| ()) as Deliver
                             }),
                             read: false,
+                            about: None,
                         },
                     }
                 }
@@ -189,16 +236,25 @@ pub fn spawn(
             // A burst (thousands of holders dying at once) would otherwise
             // copy an object's whole holder list once per release.
             let mut ends_group = job.read;
+            let mut about = job.about.map(|id| vec![id]);
             let mut deliver = vec![(job.run)(&mut owned)];
             while deliver.len() < MAX_JOBS_PER_BATCH && !ends_group {
                 match jobs_rx.try_recv() {
                     Ok(job) => {
                         ends_group = job.read;
+                        about = match (about, job.about) {
+                            (Some(mut ids), Some(id)) => {
+                                ids.push(id);
+                                Some(ids)
+                            }
+                            _ => None,
+                        };
                         deliver.push((job.run)(&mut owned));
                     }
                     Err(_) => break,
                 }
             }
+            seq += 1;
             let Owned {
                 model,
                 tracker,
@@ -251,6 +307,8 @@ pub fn spawn(
                 deliver,
                 changes,
                 ends_group,
+                about,
+                seq,
             };
             if batch_tx.send(batch).is_err() {
                 break;

@@ -4,7 +4,7 @@
 //! RemovalCompleted and ReleaseRequested signals go out — and only then
 //! delivers the replies of the commands that caused them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
 
 use drivers::{Event, ObjectId, ReferenceInfo};
@@ -27,6 +27,12 @@ const SIGNALS_PER_WRITE: usize = 512;
 const PROPERTIES_INTERFACE: &str = "org.freedesktop.DBus.Properties";
 const OBJECT_MANAGER: &str = "org.freedesktop.DBus.ObjectManager";
 
+/// A batch with at least this many events is published in parts of
+/// `PART` events, and calls about other objects may overtake it between
+/// the parts (a part takes the bus about a millisecond).
+const BIG: usize = 4096;
+const PART: usize = 128;
+
 /// Publishes every batch the owner produces until the owner stops.
 ///
 /// When the pump falls behind (a flood of calls, or a bus slow to read),
@@ -36,6 +42,14 @@ const OBJECT_MANAGER: &str = "org.freedesktop.DBus.ObjectManager";
 /// what clients last saw — as systemd coalesces property changes per
 /// event-loop turn. Every reply still follows the signals its call caused.
 /// A sequential client (no backlog) sees every change.
+///
+/// A big batch (one Add of 100,000 LUNs) takes the bus a second or more.
+/// Between two writes of it, a batch that came meanwhile is published and
+/// answered at once if it was about single objects (calls on object paths)
+/// that neither it nor anything still waiting concerns: what such a call
+/// did or read cannot depend on what is not yet published. Anything else
+/// (the manager's calls, the kernel's events) waits its turn, and so does
+/// everything after it.
 ///
 /// Sending on `stop` ends it between groups and hands the batches back
 /// (for a pump on another connection); dropping `stop` never ends it.
@@ -52,81 +66,229 @@ pub async fn run(
         queued: Vec::new(),
         published_holders: HashMap::new(),
     };
-    let mut published_counts = (0, 0);
+    let mut counts = Counts::default();
     let mut group = Vec::new();
+    // Batches that came while a big one was published, and had to wait.
+    let mut waiting: VecDeque<Batch> = VecDeque::new();
     let mut stop = Some(stop);
     loop {
-        let first = tokio::select! {
-            biased;
-            stopped = async {
-                match stop.as_mut() {
-                    Some(stop) => stop.await.is_ok(),
-                    None => std::future::pending().await,
+        let first = match waiting.pop_front() {
+            Some(batch) => batch,
+            None => tokio::select! {
+                biased;
+                stopped = async {
+                    match stop.as_mut() {
+                        Some(stop) => stop.await.is_ok(),
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if stopped {
+                        return batches;
+                    }
+                    stop = None;
+                    continue;
                 }
-            } => {
-                if stopped {
-                    return batches;
-                }
-                stop = None;
-                continue;
-            }
-            batch = batches.recv() => match batch {
-                Some(batch) => batch,
-                None => return batches,
+                batch = batches.recv() => match batch {
+                    Some(batch) => batch,
+                    None => return batches,
+                },
             },
         };
         let mut ends = first.ends_group;
         group.push(first);
         while group.len() < MAX_GROUP && !ends {
-            match batches.try_recv() {
-                Ok(batch) => {
-                    ends = batch.ends_group;
-                    group.push(batch);
-                }
-                Err(_) => break,
-            }
+            let next = match waiting.pop_front() {
+                Some(batch) => batch,
+                None => match batches.try_recv() {
+                    Ok(batch) => batch,
+                    Err(_) => break,
+                },
+            };
+            ends = next.ends_group;
+            group.push(next);
         }
         // The latest holders of every object whose references changed.
         let mut holders = HashMap::new();
         for batch in &mut group {
             holders.extend(batch.holders.drain());
         }
-        let mut counts = published_counts;
         let mut replies = Vec::with_capacity(group.len());
-        for batch in group.drain(..) {
-            for event in batch.events {
-                if let Event::Revoked { reference, .. } = &event {
-                    shared.handles.revoke(*reference);
+        let in_group = group.len();
+        for (index, mut batch) in group.drain(..).enumerate() {
+            let events = std::mem::take(&mut batch.events);
+            // Only the last of its group, with nothing waiting: what came
+            // after it then came after everything published.
+            let last = index + 1 == in_group && waiting.is_empty();
+            if events.len() < BIG || !last {
+                publish(&mut out, &shared, events, &mut holders).await;
+            } else {
+                let concerned = concerned_by(&events);
+                let mut events = events.into_iter();
+                loop {
+                    let part: Vec<Event> = events.by_ref().take(PART).collect();
+                    if part.is_empty() {
+                        break;
+                    }
+                    publish(&mut out, &shared, part, &mut holders).await;
+                    out.flush().await;
+                    overtake(
+                        &mut out,
+                        &shared,
+                        &mut batches,
+                        &concerned,
+                        &mut waiting,
+                        &mut counts,
+                    )
+                    .await;
                 }
-                // Holders and RefCount go out where their first change
-                // happened, so a client sees a release before what it caused.
-                let refs_of = match &event {
-                    Event::Acquired { id, .. }
-                    | Event::Released { id, .. }
-                    | Event::Revoked { id, .. } => holders.remove_entry(id),
-                    _ => None,
-                };
-                if let Some((id, list)) = refs_of {
-                    out.holders(id, &list);
-                }
-                out.event(event);
-                out.flush_if_full().await;
             }
-            counts = batch.counts;
+            counts.saw(&batch);
             replies.extend(batch.deliver);
         }
-        // Most commands (reference churn above all) change neither count.
-        if counts.0 != published_counts.0 {
-            out.manager_property("ObjectCount", counts.0);
-        }
-        if counts.1 != published_counts.1 {
-            out.manager_property("PendingRemovals", counts.1);
-        }
-        published_counts = counts;
+        counts.publish(&mut out);
         out.flush().await;
         for deliver in replies {
             deliver();
         }
+    }
+}
+
+/// Publishes events in order, each object's holders where they first
+/// changed.
+async fn publish(
+    out: &mut Outbox,
+    shared: &Shared,
+    events: Vec<Event>,
+    holders: &mut HashMap<ObjectId, Vec<ReferenceInfo>>,
+) {
+    for event in events {
+        if let Event::Revoked { reference, .. } = &event {
+            shared.handles.revoke(*reference);
+        }
+        // Holders and RefCount go out where their first change happened,
+        // so a client sees a release before what it caused.
+        let refs_of = match &event {
+            Event::Acquired { id, .. } | Event::Released { id, .. } | Event::Revoked { id, .. } => {
+                holders.remove_entry(id)
+            }
+            _ => None,
+        };
+        if let Some((id, list)) = refs_of {
+            out.holders(id, &list);
+        }
+        out.event(event);
+        out.flush_if_full().await;
+    }
+}
+
+/// Takes what came while a big batch is published: a batch about single
+/// objects that nothing unpublished concerns goes out and is answered now;
+/// anything else waits, and once one waits for the whole model, all do.
+async fn overtake(
+    out: &mut Outbox,
+    shared: &Shared,
+    batches: &mut mpsc::UnboundedReceiver<Batch>,
+    concerned: &HashSet<ObjectId>,
+    waiting: &mut VecDeque<Batch>,
+    counts: &mut Counts,
+) {
+    let mut held_back: HashSet<ObjectId> = waiting.iter().flat_map(about).collect();
+    let mut all_wait = waiting.iter().any(|b| b.about.is_none());
+    while let Ok(mut batch) = batches.try_recv() {
+        let ids = about(&batch);
+        let free = !all_wait
+            && batch.about.is_some()
+            && !batch.ends_group_globally()
+            && ids
+                .iter()
+                .all(|id| !concerned.contains(id) && !held_back.contains(id));
+        if !free {
+            all_wait |= batch.about.is_none();
+            held_back.extend(ids);
+            waiting.push_back(batch);
+            continue;
+        }
+        let mut holders = std::mem::take(&mut batch.holders);
+        publish(out, shared, std::mem::take(&mut batch.events), &mut holders).await;
+        counts.saw(&batch);
+        counts.publish(out);
+        out.flush().await;
+        for deliver in batch.deliver {
+            deliver();
+        }
+    }
+}
+
+/// Every object a batch's commands were about or its events name.
+fn about(batch: &Batch) -> Vec<ObjectId> {
+    let mut ids: Vec<ObjectId> = batch.about.clone().unwrap_or_default();
+    ids.extend(concerned_by(&batch.events));
+    ids
+}
+
+/// Every object the events name (themselves, their parents, drivers, and
+/// the objects removals wait for).
+fn concerned_by(events: &[Event]) -> HashSet<ObjectId> {
+    let mut ids = HashSet::new();
+    for event in events {
+        match event {
+            Event::Added(info) => {
+                ids.insert(info.id);
+                ids.extend(info.parent);
+                ids.extend(info.driver);
+            }
+            Event::Bound { id, driver } | Event::Unbound { id, driver } => {
+                ids.insert(*id);
+                ids.insert(*driver);
+            }
+            Event::ReleaseRequested {
+                id, waiting_for, ..
+            } => {
+                ids.insert(*id);
+                ids.insert(*waiting_for);
+            }
+            Event::StateChanged { id, .. }
+            | Event::Acquired { id, .. }
+            | Event::Released { id, .. }
+            | Event::Revoked { id, .. }
+            | Event::ErrorChanged { id, .. }
+            | Event::AttributesChanged { id, .. }
+            | Event::Renamed { id, .. }
+            | Event::Removed { id, .. } => {
+                ids.insert(*id);
+            }
+        }
+    }
+    ids
+}
+
+/// The manager's counts: the newest batch's (by the owner's order), sent
+/// when they differ from what clients last saw. A batch that overtook
+/// others may be newer than the ones published after it.
+#[derive(Default)]
+struct Counts {
+    newest: u64,
+    latest: (u32, u32),
+    published: (u32, u32),
+}
+
+impl Counts {
+    fn saw(&mut self, batch: &Batch) {
+        if batch.seq >= self.newest {
+            self.newest = batch.seq;
+            self.latest = batch.counts;
+        }
+    }
+
+    // Most commands (reference churn above all) change neither count.
+    fn publish(&mut self, out: &mut Outbox) {
+        if self.latest.0 != self.published.0 {
+            out.manager_property("ObjectCount", self.latest.0);
+        }
+        if self.latest.1 != self.published.1 {
+            out.manager_property("PendingRemovals", self.latest.1);
+        }
+        self.published = self.latest;
     }
 }
 

@@ -7,6 +7,7 @@
 //! changes, and refuses bad queries without changing anything.
 
 use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 
 use devmgr_tests::system_bus::{as_nobody, data_policy, SystemBus};
 use devmgr_tests::*;
@@ -401,4 +402,146 @@ async fn pages_return_every_object_once_while_the_model_changes() {
         Vec::<String>::new(),
         "a bad query changed something"
     );
+}
+
+/// While one Add of 100,000 LUNs is published (a second or more), a call
+/// about another object is answered between two writes of it; a call about
+/// the host being filled waits until the Add's reply. Checked by the order
+/// in which one connection receives the messages, not by time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_about_other_objects_overtake_a_big_publication_others_wait() {
+    use futures_util::StreamExt;
+    use std::sync::{Arc, Mutex};
+    let bus = TestBus::start();
+    let _daemon = Daemon::start(&bus);
+    let client = Client::connect(&bus.address).await;
+    let other = client.add_host("other").await;
+    let sim = client.sim_scsi().await;
+    client
+        .conn
+        .call_method(
+            Some("org.freedesktop.DBus"),
+            "/org/freedesktop/DBus",
+            Some("org.freedesktop.DBus"),
+            "AddMatch",
+            &("type='signal',member='InterfacesAdded'",),
+        )
+        .await
+        .expect("AddMatch");
+    // Every message this connection receives, in order, read as it comes
+    // (an unread stream would stop the connection): None for an
+    // InterfacesAdded (its path kept apart), Some(serial) for a reply.
+    let arrivals: Arc<Mutex<Vec<Option<u32>>>> = Arc::default();
+    let announced: Arc<Mutex<Vec<OwnedObjectPath>>> = Arc::default();
+    let mut stream = zbus::MessageStream::from(&client.conn);
+    let reader = {
+        let arrivals = arrivals.clone();
+        let announced = announced.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(msg)) = stream.next().await {
+                let header = msg.header();
+                if header.member().is_some_and(|m| m == "InterfacesAdded") {
+                    let path = header.path().map(|p| p.to_string()).unwrap_or_default();
+                    drop(header);
+                    if path == proto::MANAGER_PATH {
+                        let (added, _): (
+                            OwnedObjectPath,
+                            HashMap<String, HashMap<String, zbus::OwnedVariant>>,
+                        ) = msg.body().deserialize().expect("InterfacesAdded");
+                        announced.lock().expect("lock").push(added);
+                    }
+                    arrivals.lock().expect("lock").push(None);
+                } else if let Some(serial) = header.reply_serial() {
+                    arrivals.lock().expect("lock").push(Some(serial.get()));
+                }
+            }
+        })
+    };
+    let conn = client.conn.clone();
+    let add = tokio::spawn(async move {
+        conn.call_method(
+            Some(proto::BUS_NAME),
+            proto::MANAGER_PATH,
+            Some(proto::MANAGER_INTERFACE),
+            "Add",
+            &(
+                "host",
+                "host1",
+                zbus::ObjectPath::from_static_str_unchecked("/"),
+                options(&[
+                    ("driver", Variant::from(sim.as_ref())),
+                    ("luns", Variant::from(100_000u32)),
+                ]),
+            ),
+        )
+        .await
+        .expect("Add")
+        .header()
+        .reply_serial()
+        .map(|s| s.get())
+    });
+    // The host comes first; once a LUN is announced, the publication runs.
+    let host1 = loop {
+        let first_two = {
+            let announced = announced.lock().expect("lock");
+            (announced.len() > 1).then(|| announced[0].clone())
+        };
+        if let Some(host1) = first_two {
+            break host1;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    let get = |path: OwnedObjectPath| {
+        let conn = client.conn.clone();
+        async move {
+            conn.call_method(
+                Some(proto::BUS_NAME),
+                path.as_str(),
+                Some("org.freedesktop.DBus.Properties"),
+                "Get",
+                &(proto::OBJECT_INTERFACE, "State"),
+            )
+            .await
+            .expect("Get")
+            .header()
+            .reply_serial()
+            .map(|s| s.get())
+        }
+    };
+    let other_reply = get(other.clone()).await.expect("a serial");
+    let host_reply = get(host1.clone()).await.expect("a serial");
+    let add_reply = add.await.expect("add task").expect("a serial");
+    // The reader sees the replies too; let it catch up.
+    for _ in 0..10_000 {
+        let got = arrivals
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|a| a.is_some())
+            .count();
+        if got >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    reader.abort();
+    // How many InterfacesAdded came before each reply.
+    let arrivals = arrivals.lock().expect("lock").clone();
+    let before = |serial: u32| {
+        let at = arrivals
+            .iter()
+            .position(|a| *a == Some(serial))
+            .expect("the reply arrived");
+        arrivals[..at].iter().filter(|a| a.is_none()).count()
+    };
+    let (other_at, add_at, host_at) = (before(other_reply), before(add_reply), before(host_reply));
+    // host1 and its 100,000 LUNs are announced.
+    assert_eq!(add_at, 100_001, "the Add's reply follows all its signals");
+    assert!(
+        other_at < 99_000,
+        "the Get of another host waited for {other_at} of 100,001 announcements"
+    );
+    assert_eq!(host_at, add_at, "the Get of host1 waited for the Add");
+    let position = |serial: u32| arrivals.iter().position(|a| *a == Some(serial));
+    assert!(position(host_reply) > position(add_reply));
 }

@@ -54,7 +54,7 @@ async fn read<R: Send + 'static>(
 ) -> Result<R, Failure> {
     call.shared
         .handle
-        .read(move |m| f(m, id))
+        .read_about(id, move |m| f(m, id))
         .await
         .map_err(from_owner)?
         .ok_or_else(|| unknown_object(id))
@@ -68,7 +68,7 @@ async fn run<R: Send + 'static>(
 ) -> Result<R, Failure> {
     call.shared
         .handle
-        .call(move |m| m.contains(id).then(|| f(m, id)))
+        .call_about(id, move |m| m.contains(id).then(|| f(m, id)))
         .await
         .map_err(from_owner)?
         .ok_or_else(|| unknown_object(id))?
