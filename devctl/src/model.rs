@@ -168,7 +168,7 @@ pub async fn each_page_of(
     mut each: impl FnMut(Vec<ObjectInfo>) -> Outcome,
 ) -> Outcome {
     let manager = manager(conn).await?;
-    let (pages, mut arrived) = tokio::sync::mpsc::channel::<Vec<proto::proxies::PageEntry>>(2);
+    let (pages, arrived) = tokio::sync::mpsc::channel::<Vec<proto::proxies::PageEntry>>(2);
     let fetch = async {
         // Owned here, so that the consumer sees the end when this ends.
         let pages = pages;
@@ -198,6 +198,9 @@ pub async fn each_page_of(
         }
     };
     let consume = async {
+        // Owned here, so that the fetcher stops when this stops early (a
+        // failure, or a reader that went away: `devctl list | head`).
+        let mut arrived = arrived;
         while let Some(entries) = arrived.recv().await {
             each(
                 entries

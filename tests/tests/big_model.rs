@@ -229,6 +229,34 @@ fn at_160k_objects_nobody_gets_limits_exceeded_and_devctl_still_works() {
         .filter_map(|l| l.split_whitespace().next())
         .collect();
     assert_eq!(listed.len(), 160_002, "every object once");
+    // A reader that goes away after the first line (`devctl list | head -1`)
+    // ends devctl at once, as for a small model: 141, nothing on stderr.
+    {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new("setpriv")
+            .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
+            .args([devctl, "--address", bus.address.as_str(), "list"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("devctl list");
+        let mut first = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut first)
+            .expect("a line");
+        assert!(first.starts_with("ID"), "{first}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while child.try_wait().expect("wait").is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("devctl list went on after its reader left");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let out = child.wait_with_output().expect("devctl ends");
+        assert_eq!(out.status.code(), Some(141));
+        assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+    }
     let tree = run(&["tree"]);
     assert_eq!(tree.len(), 160_003);
     assert!(
