@@ -150,16 +150,7 @@ async fn managed() {
         let mut bytes = 0;
         for _ in 0..5 {
             let t = Instant::now();
-            let reply = c
-                .conn
-                .call_method(
-                    Some(proto::BUS_NAME),
-                    proto::MANAGER_PATH,
-                    Some("org.freedesktop.DBus.ObjectManager"),
-                    "GetManagedObjects",
-                    &(),
-                )
-                .await;
+            let reply = managed_objects_raw(&c).await;
             raw.push(t.elapsed());
             bytes = reply.map_or(0, |m| m.data().len());
         }

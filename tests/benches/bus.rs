@@ -253,17 +253,7 @@ async fn managed_objects(bus: &TestBus) {
         let mut bytes = 0;
         for _ in 0..5 {
             let t = Instant::now();
-            let reply = c
-                .conn
-                .call_method(
-                    Some(proto::BUS_NAME),
-                    proto::MANAGER_PATH,
-                    Some("org.freedesktop.DBus.ObjectManager"),
-                    "GetManagedObjects",
-                    &(),
-                )
-                .await
-                .expect("GetManagedObjects");
+            let reply = managed_objects_raw(&c).await.expect("GetManagedObjects");
             times.0.push(t.elapsed());
             bytes = reply.data().len();
         }

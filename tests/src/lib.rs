@@ -206,6 +206,20 @@ pub async fn ping(c: &Client) {
         .expect("Ping");
 }
 
+/// GetManagedObjects of devmgrd's manager, the reply undecoded (for the
+/// benchmarks: what the daemon and the bus cost, apart from decoding).
+pub async fn managed_objects_raw(c: &Client) -> zbus::Result<zbus::Message> {
+    c.conn
+        .call_method(
+            Some(proto::BUS_NAME),
+            proto::MANAGER_PATH,
+            Some("org.freedesktop.DBus.ObjectManager"),
+            "GetManagedObjects",
+            &(),
+        )
+        .await
+}
+
 /// A workspace binary (`devmgrd`, `devctl`): `$DEVMGR_BIN_DIR/<name>`, else
 /// beside this test executable's profile directory. `cargo test --workspace`
 /// builds both before running any test; a binary older than its sources is
