@@ -99,6 +99,20 @@ fn remove_pending(bus: &TestBus, obj: &str, args: &[&str]) -> String {
 
 /// Waits for the object to leave the model, then for the real device to
 /// go; returns how long each wait took.
+/// `devctl remove DISK --detach-mounts --wait=10`, which must succeed.
+fn detach_mounts_and_wait(bus: &TestBus, disk: &LoopDisk) {
+    let out = devctl(
+        bus,
+        &["remove", &disk.name(), "--detach-mounts", "--wait=10"],
+    );
+    assert!(
+        out.status.success(),
+        "{}{}",
+        stdout(&out),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 async fn removed_for_real(
     client: &Client,
     path: &OwnedObjectPath,
@@ -403,16 +417,7 @@ async fn reenable_keeps_the_mount_force_never_unmounts_detach_mounts_does() {
     .await;
     nothing_real_happens(&daemon, &client, &path, &disk).await;
 
-    let out = devctl(
-        &bus,
-        &["remove", &disk.name(), "--detach-mounts", "--wait=10"],
-    );
-    assert!(
-        out.status.success(),
-        "{}{}",
-        stdout(&out),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    detach_mounts_and_wait(&bus, &disk);
     assert!(!LoopDisk::is_mounted(&at), "detach-mounts unmounts");
     removed_for_real(&client, &path, &disk).await;
 }
@@ -509,16 +514,7 @@ async fn detach_mounts_detaches_in_other_namespaces_and_turns_swap_off() {
     ));
     assert!(dry.contains("would be removed"), "{dry}");
     assert_eq!(client.state(&path).await.as_deref(), Some("live"));
-    let out = devctl(
-        &bus,
-        &["remove", &disk.name(), "--detach-mounts", "--wait=10"],
-    );
-    assert!(
-        out.status.success(),
-        "{}{}",
-        stdout(&out),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    detach_mounts_and_wait(&bus, &disk);
     removed_for_real(&client, &path, &disk).await;
     let swaps = std::fs::read_to_string("/proc/swaps").expect("/proc/swaps");
     assert!(

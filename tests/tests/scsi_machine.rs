@@ -142,6 +142,12 @@ fn the_walk_through_on_a_machine_with_real_scsi_hosts() {
             "add", "host", "host0", "--driver", "sim-scsi", "--luns", "4",
         ],
     );
+    // A streamed list shows the scopes too (ListObjects' Scoped).
+    let list = ok(&bus, &["list"]);
+    assert!(
+        list.contains("udev:host0") && list.contains("api:host0"),
+        "{list}"
+    );
     let tree = ok(&bus, &["tree"]);
     for line in [
         "udev:host0",
