@@ -14,7 +14,7 @@ use zbus::{Connection, Message, OwnedObjectPath, Variant};
 
 use crate::owner::Batch;
 use crate::serve::args::path_of;
-use crate::serve::{properties, Shared};
+use crate::serve::{properties, wire, Shared};
 
 /// Most batches published as one group: bounds how long the first reply
 /// of a group waits for the others' signals.
@@ -310,6 +310,11 @@ impl Outbox {
         B: serde::Serialize + zbus::DynamicType,
     {
         let built = Message::signal(path, interface, member).build(body);
+        self.queue(built, path, member);
+    }
+
+    /// Queues a built signal if the bus can take it.
+    fn queue(&mut self, built: zbus::Result<Message>, path: &str, member: &str) {
         match built {
             Ok(msg) if msg.data().len() <= self.max_message => self.queued.push(msg),
             // Never sent: the bus would disconnect us. Budgets keep every
@@ -351,14 +356,11 @@ impl Outbox {
     fn event(&mut self, event: Event) {
         match event {
             Event::Added(info) => {
-                let path = path_of(Some(info.id));
-                let interfaces = properties::object_interfaces(&info, self.holders_budget);
-                self.signal(
-                    MANAGER_PATH,
-                    OBJECT_MANAGER,
-                    "InterfacesAdded",
-                    &(path, interfaces),
+                let built = wire::Body::interfaces_added(&info, self.holders_budget).build(
+                    Message::signal(MANAGER_PATH, OBJECT_MANAGER, "InterfacesAdded"),
+                    wire::INTERFACES_ADDED,
                 );
+                self.queue(built, MANAGER_PATH, "InterfacesAdded");
             }
             Event::StateChanged { id, to, .. } => {
                 self.object_changed(id, HashMap::from([("State", Variant::from(to.as_str()))]));

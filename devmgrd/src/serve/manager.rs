@@ -10,7 +10,9 @@ use drivers::{AddRequest, Kind, ObjectInfo, Origin, State};
 use zbus::{Message, OwnedObjectPath, Variant};
 
 use super::args::{id_of, optional_str, optional_u32, path_of, required, wire_name, Options};
-use super::{introspect, is, properties, too_big, unknown_interface, unknown_method, Answer, Call};
+use super::{
+    introspect, is, properties, too_big, unknown_interface, unknown_method, wire, Answer, Call,
+};
 use crate::authz::Verb;
 use crate::errors::{bad_option, from_engine, from_owner};
 
@@ -286,16 +288,8 @@ async fn managed_objects(call: &Call) -> Answer {
     // Encoding tens of megabytes takes a while: not on the runtime's thread.
     let msg = call.msg.clone();
     let built = tokio::task::spawn_blocking(move || {
-        let body: HashMap<OwnedObjectPath, _> = objects
-            .iter()
-            .map(|info| {
-                (
-                    path_of(Some(info.id)),
-                    properties::object_interfaces(info, budget),
-                )
-            })
-            .collect();
-        Message::method_return(&msg.header()).build(&(body,))
+        wire::Body::managed_objects(&objects, budget)
+            .build(Message::method_return(&msg.header()), wire::MANAGED_OBJECTS)
     })
     .await
     .map_err(|e| zbus::fdo::Error::Failed(format!("cannot build the reply: {e}")))?;

@@ -17,6 +17,7 @@ pub mod limits;
 mod manager;
 mod object;
 pub mod properties;
+pub mod wire;
 
 use std::future::Future;
 use std::sync::Arc;

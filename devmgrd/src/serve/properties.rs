@@ -59,11 +59,18 @@ pub fn holder_size(r: &ReferenceInfo) -> usize {
 /// The `Holders` a client is shown: the newest references first, as many
 /// as fit in `budget` bytes.
 pub fn holders_within(holders: &[ReferenceInfo], budget: usize) -> Vec<HolderTuple> {
+    holders_shown(holders, budget)
+        .iter()
+        .map(holder_tuple)
+        .collect()
+}
+
+/// The references `Holders` lists within `budget` bytes: the newest. The
+/// model lists them oldest first; the newest are the ones a client is
+/// likeliest to be looking for, and they keep the model's order.
+pub fn holders_shown(holders: &[ReferenceInfo], budget: usize) -> &[ReferenceInfo] {
     let mut used = 0;
-    let mut shown: Vec<HolderTuple> = Vec::new();
-    // The model lists them oldest first; the newest are the ones a client
-    // is likeliest to be looking for, and the oldest are listed first.
-    let start = holders
+    let shown = holders
         .iter()
         .rev()
         .take_while(|r| {
@@ -71,8 +78,7 @@ pub fn holders_within(holders: &[ReferenceInfo], budget: usize) -> Vec<HolderTup
             used <= budget
         })
         .count();
-    shown.extend(holders[holders.len() - start..].iter().map(holder_tuple));
-    shown
+    &holders[holders.len() - shown..]
 }
 
 /// Bytes an object's properties take on the wire, holders included up to
@@ -136,7 +142,9 @@ pub fn object_properties(
         .collect()
 }
 
-/// An object's interfaces and their properties, as ObjectManager lists them.
+/// An object's interfaces and their properties, as ObjectManager lists them,
+/// built by zbus: what `wire` writes by hand, compared in its tests.
+#[cfg(test)]
 pub fn object_interfaces(
     info: &ObjectInfo,
     holders_budget: usize,
