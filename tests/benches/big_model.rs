@@ -196,29 +196,16 @@ async fn managed_controls(bus: &TestBus, c: &Client, reply: &zbus::Message) {
         .await
         .expect("server");
     let server_name = server.unique_name().expect("unique name").to_string();
-    let body = reply.body().data().bytes().to_vec();
-    let signature = reply.body().signature().to_string();
     let mut calls = zbus::MessageStream::from(&server);
     let answering = server.clone();
+    let reply_copy = reply.clone();
     let answerer = tokio::spawn(async move {
         while let Some(Ok(call)) = calls.next().await {
             if call.message_type() != zbus::message::Type::MethodCall {
                 continue;
             }
-            // SAFETY: the bytes and signature are a body devmgrd sent and
-            // the bus delivered, so a well-formed body of that signature.
-            #[allow(unsafe_code)]
-            let built = unsafe {
-                zbus::Message::method_return(&call.header()).build_raw_body(
-                    &body,
-                    signature.as_str(),
-                    Vec::new(),
-                )
-            };
-            answering
-                .send(&built.expect("reply"))
-                .await
-                .expect("send reply");
+            let built = with_body_of(zbus::Message::method_return(&call.header()), &reply_copy);
+            answering.send(&built).await.expect("send reply");
         }
     });
     let mut floor = Vec::new();

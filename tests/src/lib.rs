@@ -995,3 +995,20 @@ pub fn devctl_command(bus: &TestBus, args: &[&str]) -> Command {
 pub fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// A message with `builder`'s header and `body_of`'s body, byte for byte:
+/// what benchmark controls send to compare a minimal sender with devmgrd
+/// on the very same payloads.
+pub fn with_body_of(builder: zbus::message::Builder<'_>, body_of: &zbus::Message) -> zbus::Message {
+    let body = body_of.body();
+    // SAFETY: the bytes and signature are a body that was received from
+    // the bus, which checked it: a well-formed body of that signature, in
+    // the received message's byte order, which the copy keeps.
+    #[allow(unsafe_code)]
+    let built = unsafe {
+        builder
+            .endian(body_of.primary_header().endian_sig().into())
+            .build_raw_body(body.data().bytes(), body.signature().clone(), Vec::new())
+    };
+    built.expect("a copy of a received body")
+}

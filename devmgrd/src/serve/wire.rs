@@ -213,7 +213,11 @@ mod tests {
             name: format!("0:0:0:{id} é").into(),
             state: State::Removing,
             parent: Some(ObjectId(3)),
-            driver: if id.is_multiple_of(2) { Some(ObjectId(1)) } else { None },
+            driver: if id.is_multiple_of(2) {
+                Some(ObjectId(1))
+            } else {
+                None
+            },
             holders: (0..holders)
                 .map(|i| ReferenceInfo {
                     id: RefId(i as u64 + 1),
@@ -231,7 +235,12 @@ mod tests {
             origin: Origin::Udev,
             subsystem: "block".into(),
             sys_path: format!("/devices/virtual/block/loop{id}"),
-            last_error: if id.is_multiple_of(3) { "" } else { "it failed" }.into(),
+            last_error: if id.is_multiple_of(3) {
+                ""
+            } else {
+                "it failed"
+            }
+            .into(),
             scanned: false,
         }
     }
