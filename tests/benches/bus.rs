@@ -1,7 +1,10 @@
 //! Bus-level benchmarks of the real devmgrd on a private dbus-daemon
 //! (issue 3): Acquire+Release against a no-op Peer.Ping on the same
-//! connection, Add+Remove latency with 10,000 pending removals and an
-//! Acquire/Release flood against the idle daemon, and GetManagedObjects at
+//! connection, Add+Remove latency with 10,000 pending removals and
+//! Acquire/Release floods (closed loop, and paced at 25% and 50% of the
+//! closed loop's rate) against the idle daemon and against control floods
+//! (Ping, a minimal server sending an Acquire's messages, the bus's own
+//! GetId), and GetManagedObjects at
 //! 1,000 and 100,000 objects. Prints a table; docs/benchmarks.md keeps the
 //! numbers. Run: `cargo bench -p devmgr-tests --bench bus [-- SECTION...]`
 //! with SECTION one of `ping`, `interference`, `managed`, `state` (default:
@@ -86,6 +89,83 @@ enum Flood {
     Ping,
     /// The bus's own `GetId`: a round trip devmgrd never sees.
     BusGetId,
+    /// `Acquire` on a minimal server in the bench that sends what devmgrd
+    /// sends for an Acquire+Release (a PropertiesChanged, the reply with
+    /// a pipe, a second PropertiesChanged) and does nothing else: what the
+    /// bus costs for those messages.
+    Mimic,
+}
+
+/// The mimic's object path and interface.
+const MIMIC_PATH: &str = "/org/bench/Mimic";
+
+/// Starts the minimal Acquire server on its own thread and single-thread
+/// runtime, as devmgrd runs; returns its bus name.
+fn start_mimic(address: &str) -> String {
+    let (name_tx, name_rx) = std::sync::mpsc::channel();
+    let address = address.to_owned();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            use futures_util::StreamExt;
+            let conn = zbus::connection::Builder::address(address.as_str())
+                .build()
+                .await
+                .expect("mimic connection");
+            name_tx
+                .send(conn.unique_name().expect("name").to_string())
+                .expect("name");
+            let mut calls = zbus::MessageStream::from(&conn);
+            let mut next = 1u64;
+            while let Some(Ok(call)) = calls.next().await {
+                if call.message_type() != zbus::message::Type::MethodCall {
+                    continue;
+                }
+                let header = call.header();
+                let sender = header.sender().map(|s| s.to_string()).unwrap_or_default();
+                let holders = vec![(next, sender, 0u32, 0u32, "flood".to_owned(), 0u64)];
+                next += 1;
+                let changed = |holders: Vec<proto::HolderTuple>| {
+                    let count = holders.len() as u32;
+                    std::collections::HashMap::from([
+                        ("Holders", Variant::from(holders)),
+                        ("RefCount", Variant::from(count)),
+                    ])
+                };
+                let invalidated: &[&str] = &[];
+                let _ = conn
+                    .emit_signal(
+                        None::<()>,
+                        MIMIC_PATH,
+                        "org.freedesktop.DBus.Properties",
+                        "PropertiesChanged",
+                        &(proto::OBJECT_INTERFACE, changed(holders), invalidated),
+                    )
+                    .await;
+                let (theirs, _ours) = std::io::pipe().expect("pipe");
+                let fd = zbus::OwnedFd::from(std::os::fd::OwnedFd::from(theirs));
+                let reply = zbus::Message::method_return(&header)
+                    .build(&(fd,))
+                    .expect("reply");
+                let _ = conn.send(&reply).await;
+                // The release's PropertiesChanged (devmgrd sends it when
+                // the client closes the handle).
+                let _ = conn
+                    .emit_signal(
+                        None::<()>,
+                        MIMIC_PATH,
+                        "org.freedesktop.DBus.Properties",
+                        "PropertiesChanged",
+                        &(proto::OBJECT_INTERFACE, changed(Vec::new()), invalidated),
+                    )
+                    .await;
+            }
+        });
+    });
+    name_rx.recv().expect("the mimic started")
 }
 
 /// Add+Remove p50/p99 with 10,000 pending removals and 8 flooding clients,
@@ -129,86 +209,72 @@ async fn interference(bus: &TestBus) {
     // 8 clients, each on its own connection and object: first acquiring and
     // releasing as fast as the daemon answers (closed loop: on 2 shared
     // cores this saturates the bus, the daemon and the clients alike), then
-    // paced at a fixed rate, a heavy but unsaturated load. Two controls
-    // flood in a closed loop with calls that cost the daemon nothing (a
-    // Ping) or never reach it (the bus's own GetId): what a saturating
-    // flood costs any probe on this machine, whatever the daemon does.
-    let floods = [
-        (Flood::Acquire, None),
-        (Flood::Acquire, Some(500u32)),
-        (Flood::Acquire, Some(250)),
-        (Flood::Ping, None),
-        (Flood::BusGetId, None),
-    ];
-    for (n, (flood, pace)) in floods.into_iter().enumerate() {
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let mut flooders = Vec::new();
-        for f in 0..8 {
-            let c = Client::connect(&bus.address).await;
-            let host = c.add_host(&format!("flood{f}-{n}")).await;
-            let stop = stop.clone();
-            flooders.push(tokio::spawn(async move {
-                let object = c.object(&host).await;
-                let mut tick = pace.map(|per_second| {
-                    let mut t = tokio::time::interval(Duration::from_secs(1) / per_second);
-                    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                    t
-                });
-                let mut cycles = 0u64;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    if let Some(t) = tick.as_mut() {
-                        t.tick().await;
-                    }
-                    match flood {
-                        Flood::Acquire => drop(
-                            object
-                                .acquire("flood", none())
-                                .await
-                                .expect("flood acquire"),
-                        ),
-                        Flood::Ping => ping(&c).await,
-                        Flood::BusGetId => {
-                            c.conn
-                                .call_method(
-                                    Some("org.freedesktop.DBus"),
-                                    "/org/freedesktop/DBus",
-                                    Some("org.freedesktop.DBus"),
-                                    "GetId",
-                                    &(),
-                                )
-                                .await
-                                .expect("GetId");
-                        }
-                    }
-                    cycles += 1;
-                }
-                cycles
-            }));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let t = Instant::now();
-        let mut loaded = add_remove_samples(&measurer, N, 100_000 * (1 + n)).await;
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let elapsed = t.elapsed();
-        let mut cycles = 0;
-        for f in flooders {
-            cycles += f.await.expect("flooder");
-        }
-        let rate = cycles as f64 / elapsed.as_secs_f64();
-        let what = match flood {
-            Flood::Acquire => "Acquire+Release",
-            Flood::Ping => "Peer.Ping to devmgrd",
-            Flood::BusGetId => "GetId to the bus",
-        };
-        let label = match pace {
-            None => format!("10k pending + 8 × {what}, closed loop"),
-            Some(p) => format!("10k pending + 8 × {what} at {p}/s each"),
-        };
-        let (load50, load99) = loaded.row(&label);
+    // paced at 25% and 50% of that rate, heavy but unsaturated loads.
+    // Three controls flood in a closed loop with calls that cost the
+    // daemon nothing (a Ping), that cost the bus what an Acquire+Release
+    // costs it but reach a server doing nothing else (the mimic), or that
+    // never leave the bus (its own GetId): what a saturating flood costs
+    // any probe on this machine, whatever the daemon does.
+    let mimic = start_mimic(&bus.address);
+    // The closed-loop Acquire flood comes first: its rate is the
+    // saturation rate the paced floods take 25% and 50% of.
+    let idle_ratio = |label: &str, loaded: &mut Samples| {
+        let (load50, load99) = loaded.row(label);
         println!(
-            "ratio p50 {:.2}x  p99 {:.2}x   (flood: {rate:.0} {what}/s in all)",
+            "ratio to idle p50 {:.2}x  p99 {:.2}x",
             load50.as_secs_f64() / idle50.as_secs_f64(),
             load99.as_secs_f64() / idle99.as_secs_f64(),
+        );
+        (load50, load99)
+    };
+    let (mut closed, saturation) = flooded(bus, &measurer, &mimic, Flood::Acquire, None, 1).await;
+    let acquire = idle_ratio(
+        &format!("10k pending + 8 × Acquire+Release, closed loop ({saturation:.0}/s)"),
+        &mut closed,
+    );
+    for (n, share) in [(2, 0.25), (3, 0.5)] {
+        let each = (saturation * share / 8.0).max(1.0) as u32;
+        let (mut paced, rate) =
+            flooded(bus, &measurer, &mimic, Flood::Acquire, Some(each), n).await;
+        let (a50, a99) = idle_ratio(
+            &format!(
+                "… at {:.0}% of saturation: 8 × {each}/s ({rate:.0}/s)",
+                share * 100.0
+            ),
+            &mut paced,
+        );
+        // The same pace of the same messages, to a server that does
+        // nothing else: the bus's share of that load.
+        let (mut control, rate) =
+            flooded(bus, &measurer, &mimic, Flood::Mimic, Some(each), 10 + n).await;
+        let (c50, c99) = idle_ratio(
+            &format!("  control: the minimal server at 8 × {each}/s ({rate:.0}/s)"),
+            &mut control,
+        );
+        println!(
+            "  devmgrd / the minimal server at that pace: p50 {:.2}x  p99 {:.2}x",
+            a50.as_secs_f64() / c50.as_secs_f64(),
+            a99.as_secs_f64() / c99.as_secs_f64()
+        );
+    }
+    let mut controls = Vec::new();
+    for (n, flood, what) in [
+        (4, Flood::Ping, "Peer.Ping to devmgrd"),
+        (5, Flood::Mimic, "Acquire on the minimal server"),
+        (6, Flood::BusGetId, "GetId to the bus"),
+    ] {
+        let (mut loaded, rate) = flooded(bus, &measurer, &mimic, flood, None, n).await;
+        let row = idle_ratio(
+            &format!("control: 10k pending + 8 × {what}, closed loop ({rate:.0}/s)"),
+            &mut loaded,
+        );
+        controls.push((what, row));
+    }
+    for (what, (c50, c99)) in controls {
+        println!(
+            "closed-loop Acquire flood / closed-loop {what} flood: p50 {:.2}x  p99 {:.2}x",
+            acquire.0.as_secs_f64() / c50.as_secs_f64(),
+            acquire.1.as_secs_f64() / c99.as_secs_f64(),
         );
     }
     // The same 10k pending removals without the flood: what pending
@@ -221,6 +287,87 @@ async fn interference(bus: &TestBus) {
         p99.as_secs_f64() / idle99.as_secs_f64(),
     );
     drop(held);
+}
+
+/// Add+Remove samples while 8 clients, each on its own connection and
+/// object, flood (closed loop, or `pace` calls a second each); returns
+/// them and the flood's rate in all.
+async fn flooded(
+    bus: &TestBus,
+    measurer: &Client,
+    mimic: &str,
+    flood: Flood,
+    pace: Option<u32>,
+    n: usize,
+) -> (Samples, f64) {
+    const N: usize = 5_000;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut flooders = Vec::new();
+    for f in 0..8 {
+        let c = Client::connect(&bus.address).await;
+        let host = c.add_host(&format!("flood{f}-{n}")).await;
+        let stop = stop.clone();
+        let mimic = mimic.to_owned();
+        flooders.push(tokio::spawn(async move {
+            let object = c.object(&host).await;
+            let mut tick = pace.map(|per_second| {
+                let mut t = tokio::time::interval(Duration::from_secs(1) / per_second);
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                t
+            });
+            let mut cycles = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(t) = tick.as_mut() {
+                    t.tick().await;
+                }
+                match flood {
+                    Flood::Acquire => drop(
+                        object
+                            .acquire("flood", none())
+                            .await
+                            .expect("flood acquire"),
+                    ),
+                    Flood::Ping => ping(&c).await,
+                    Flood::BusGetId => {
+                        c.conn
+                            .call_method(
+                                Some("org.freedesktop.DBus"),
+                                "/org/freedesktop/DBus",
+                                Some("org.freedesktop.DBus"),
+                                "GetId",
+                                &(),
+                            )
+                            .await
+                            .expect("GetId");
+                    }
+                    Flood::Mimic => drop(
+                        c.conn
+                            .call_method(
+                                Some(mimic.as_str()),
+                                MIMIC_PATH,
+                                Some(proto::OBJECT_INTERFACE),
+                                "Acquire",
+                                &("flood", none()),
+                            )
+                            .await
+                            .expect("mimic acquire"),
+                    ),
+                }
+                cycles += 1;
+            }
+            cycles
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t = Instant::now();
+    let loaded = add_remove_samples(measurer, N, 100_000 * (1 + n)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let elapsed = t.elapsed();
+    let mut cycles = 0;
+    for f in flooders {
+        cycles += f.await.expect("flooder");
+    }
+    (loaded, cycles as f64 / elapsed.as_secs_f64())
 }
 
 async fn id_of(c: &Client, path: &OwnedObjectPath) -> u64 {
