@@ -64,10 +64,13 @@ const MAX_BATCH: usize = 64;
 
 /// Applies events until the reader stops; tells the kernel users watcher
 /// of every block device's event (what is stacked on what may change).
+/// `coldplugged` turns true once the coldplug's devices are in the model
+/// and published: the daemon claims its name only then.
 pub async fn run(
     handle: ModelHandle,
     mut events: mpsc::UnboundedReceiver<Ingest>,
     watcher: Option<crate::users::Handle>,
+    coldplugged: tokio::sync::watch::Sender<bool>,
 ) {
     let mut known = Known::default();
     let mut queue = std::collections::VecDeque::new();
@@ -85,6 +88,7 @@ pub async fn run(
             }
         }
         let batch: Vec<Item> = queue.drain(..queue.len().min(MAX_BATCH)).collect();
+        let ends_coldplug = batch.iter().any(|item| matches!(item, Item::ColdplugDone));
         let block: Vec<String> = batch
             .iter()
             .filter_map(|item| match item {
@@ -109,6 +113,10 @@ pub async fn run(
         match applied.await {
             Ok(mapping) => known = mapping,
             Err(_) => return, // the owner is gone: shutting down
+        }
+        // (Answered after the batch's signals: the devices are published.)
+        if ends_coldplug {
+            coldplugged.send_replace(true);
         }
         // (A device's add reaches the watcher with the model's new object.)
         if let Some(w) = &watcher {

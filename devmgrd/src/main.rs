@@ -93,6 +93,7 @@ async fn serve(
     configured_limit: Option<usize>,
     writable: &store::Writable,
     batches: tokio::sync::mpsc::UnboundedReceiver<owner::Batch>,
+    coldplugged: &tokio::sync::watch::Receiver<bool>,
 ) -> Result<zbus::Connection, Refused> {
     let (label, bus_type) = bus;
     let refused = |why: String, batches| Refused {
@@ -129,10 +130,18 @@ async fn serve(
     };
     let (stop, stopped) = tokio::sync::oneshot::channel();
     let pump = tokio::spawn(pump::run(conn.clone(), shared, batches, stopped));
-    // Answered once everything queued before it (the coldplug) is published.
-    let refusal = match handle.read(|_| ()).await {
-        Err(_) => Some((false, "the model's owner stopped".to_owned())),
-        Ok(()) => {
+    // The name is claimed once the machine's devices are modelled and
+    // published (what Type=dbus promises: the first call, the one that
+    // activated us, sees them), and everything queued before is published.
+    let mut coldplugged = coldplugged.clone();
+    let coldplug = coldplugged.wait_for(|done| *done).await.map(|_| ());
+    let refusal = match (coldplug, handle.read(|_| ()).await) {
+        (Err(_), _) => Some((
+            false,
+            "the device events stopped before the coldplug".to_owned(),
+        )),
+        (_, Err(_)) => Some((false, "the model's owner stopped".to_owned())),
+        (Ok(()), Ok(())) => {
             let claimed = conn
                 .request_name_with_flags(proto::BUS_NAME, fdo::RequestNameFlags::DO_NOT_QUEUE)
                 .await;
@@ -274,6 +283,52 @@ async fn run(settings: Settings) -> Result<(), String> {
         }),
         peers: peers::Peers::default(),
     };
+    // The device events start before the bus: the name is claimed once the
+    // coldplug is in (`serve`). A replay and `--no-udev` have no coldplug.
+    let (coldplugged_tx, coldplugged) =
+        tokio::sync::watch::channel(settings.replay.is_some() || !settings.udev);
+    if let Some(file) = settings.replay.clone() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(replay::run(
+            file,
+            settings.udev_source,
+            settings.subsystems.clone(),
+            tx,
+        ));
+        tokio::spawn(ingest::run(
+            handle.clone(),
+            rx,
+            watcher.clone(),
+            coldplugged_tx.clone(),
+        ));
+    } else if settings.udev {
+        let source = settings.udev_source.unwrap_or_else(uevents::detect_source);
+        if source == uevents::Source::Udev && !uevents::udevd_listening() {
+            tracing::warn!("no systemd-udevd answers: udev events will not arrive until one runs");
+        }
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        uevents::start(
+            source,
+            &settings.subsystems,
+            settings.udev_receive_buffer,
+            tx,
+        )
+        .await?;
+        tokio::spawn(ingest::run(
+            handle.clone(),
+            rx,
+            watcher.clone(),
+            coldplugged_tx.clone(),
+        ));
+        tracing::info!(
+            "modelling {} from {} events",
+            settings.subsystems.join(", "),
+            source.as_str()
+        );
+    }
+    // Only the ingestion may say the coldplug is in; if it stops first, the
+    // wait ends with an error instead of forever.
+    drop(coldplugged_tx);
     let runtime_dir = settings
         .runtime_dir
         .clone()
@@ -315,6 +370,7 @@ async fn run(settings: Settings) -> Result<(), String> {
                 limit,
                 &writable,
                 taken,
+                &coldplugged,
             )
             .await
             {
@@ -346,6 +402,7 @@ async fn run(settings: Settings) -> Result<(), String> {
                 settings.max_message_size,
                 &writable,
                 taken,
+                &coldplugged,
             )
             .await
             .map_err(|refused| refused.why)?;
@@ -361,35 +418,6 @@ async fn run(settings: Settings) -> Result<(), String> {
         .watch_departures(&conn)
         .await
         .map_err(|e| format!("cannot watch the bus's connections: {e}"))?;
-    if let Some(file) = settings.replay.clone() {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(replay::run(
-            file,
-            settings.udev_source,
-            settings.subsystems.clone(),
-            tx,
-        ));
-        tokio::spawn(ingest::run(handle.clone(), rx, watcher.clone()));
-    } else if settings.udev {
-        let source = settings.udev_source.unwrap_or_else(uevents::detect_source);
-        if source == uevents::Source::Udev && !uevents::udevd_listening() {
-            tracing::warn!("no systemd-udevd answers: udev events will not arrive until one runs");
-        }
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        uevents::start(
-            source,
-            &settings.subsystems,
-            settings.udev_receive_buffer,
-            tx,
-        )
-        .await?;
-        tokio::spawn(ingest::run(handle.clone(), rx, watcher.clone()));
-        tracing::info!(
-            "modelling {} from {} events",
-            settings.subsystems.join(", "),
-            source.as_str()
-        );
-    }
     tracing::info!("serving {} on the {label} bus", proto::BUS_NAME);
     let bus_gone = bus_lost(&conn, &label)
         .await

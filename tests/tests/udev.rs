@@ -2,7 +2,8 @@
 //! deleted in the kernel appear and disappear on the bus, with the udev source (events
 //! processed by systemd-udevd) and the kernel source (raw uevents); a held
 //! device the kernel deletes is `gone` until released (rule 8); devices that
-//! existed before the daemon are there from the start, once each.
+//! existed before the daemon are there from the start, once each, and
+//! already at the first call once its name is on the bus.
 //!
 //! These need root (to create network devices) and, for the udev source, a
 //! running systemd-udevd (`.ci/run` starts one). They fail, never skip,
@@ -224,6 +225,50 @@ async fn devices_that_existed_before_the_daemon_are_there_once() {
     assert_eq!(same.len(), 1, "{same:?}");
     // The machine's own loopback interface is modelled too.
     assert!(find(&client, "lo").await.is_some());
+}
+
+/// The name is claimed only once the coldplug is modelled and published
+/// (Type=dbus's "ready"): the very first call, with no waiting, already
+/// sees the devices that existed before the daemon started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_call_after_the_name_appears_sees_the_coldplug() {
+    use futures_util::StreamExt;
+    for source in ["udev", "kernel"] {
+        let veth = Veth::create(if source == "udev" { "dmf" } else { "dmk" });
+        let bus = TestBus::start();
+        // A client on the bus before devmgrd, calling the moment the bus
+        // says the name has an owner (the harness's own wait polls, which
+        // would leave the coldplug time to finish).
+        let client = Client::connect(&bus.address).await;
+        let dbus = zbus::fdo::DBusProxy::new(&client.conn)
+            .await
+            .expect("bus proxy");
+        let mut owners = dbus
+            .receive_name_owner_changed_with_args(&[(0, proto::BUS_NAME)])
+            .await
+            .expect("NameOwnerChanged");
+        let address = bus.address.clone();
+        let starting = tokio::task::spawn_blocking(move || {
+            Daemon::start_at(&address, &["--udev-source", source, "--subsystems", "net"])
+        });
+        let owned = tokio::time::timeout(std::time::Duration::from_secs(30), owners.next())
+            .await
+            .expect("devmgrd owned its name within 30 s")
+            .expect("a NameOwnerChanged");
+        assert!(!owned.args().expect("args").new_owner().is_none());
+        let first = find(&client, &veth.name).await;
+        let lo = find(&client, "lo").await;
+        let _daemon = starting.await.expect("devmgrd started");
+        assert!(
+            first.is_some(),
+            "{source} source: {} not there at the first call",
+            veth.name
+        );
+        assert!(
+            lo.is_some(),
+            "{source} source: lo not there at the first call"
+        );
+    }
 }
 
 fn sys_block(name: &str) -> std::path::PathBuf {
