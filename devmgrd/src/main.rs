@@ -89,13 +89,13 @@ async fn serve(
     builder: connection::Builder<'_>,
     handle: &owner::ModelHandle,
     authz: &authz::Authorizer,
-    bus: (&str, serve::limits::BusType),
-    configured_limit: Option<usize>,
+    // The bus's label and type, and the message size limit configured.
+    bus: (&str, serve::limits::BusType, Option<usize>),
     writable: &store::Writable,
     batches: tokio::sync::mpsc::UnboundedReceiver<owner::Batch>,
     coldplugged: &tokio::sync::watch::Receiver<bool>,
 ) -> Result<zbus::Connection, Refused> {
-    let (label, bus_type) = bus;
+    let (label, bus_type, configured_limit) = bus;
     let refused = |why: String, batches| Refused {
         fall_back: true,
         why,
@@ -366,8 +366,7 @@ async fn run(settings: Settings) -> Result<(), String> {
                 builder,
                 &handle,
                 &authz,
-                (&label, bus_type),
-                limit,
+                (&label, bus_type, limit),
                 &writable,
                 taken,
                 &coldplugged,
@@ -398,8 +397,7 @@ async fn run(settings: Settings) -> Result<(), String> {
                 connection::Builder::address(address.as_str()),
                 &handle,
                 &authz,
-                ("embedded", BusType::Unknown),
-                settings.max_message_size,
+                ("embedded", BusType::Unknown, settings.max_message_size),
                 &writable,
                 taken,
                 &coldplugged,
