@@ -128,23 +128,28 @@ fn start_mimic(address: &str) -> String {
                 let sender = header.sender().map(|s| s.to_string()).unwrap_or_default();
                 let holders = vec![(next, sender, 0u32, 0u32, "flood".to_owned(), 0u64)];
                 next += 1;
-                let changed = |holders: Vec<proto::HolderTuple>| {
-                    let count = holders.len() as u32;
-                    std::collections::HashMap::from([
-                        ("Holders", Variant::from(holders)),
-                        ("RefCount", Variant::from(count)),
-                    ])
+                // PropertiesChanged of Holders and RefCount, as devmgrd's.
+                let announce = |holders: Vec<proto::HolderTuple>| {
+                    let conn = &conn;
+                    async move {
+                        let count = holders.len() as u32;
+                        let changed = std::collections::HashMap::from([
+                            ("Holders", Variant::from(holders)),
+                            ("RefCount", Variant::from(count)),
+                        ]);
+                        let invalidated: &[&str] = &[];
+                        let _ = conn
+                            .emit_signal(
+                                None::<()>,
+                                MIMIC_PATH,
+                                "org.freedesktop.DBus.Properties",
+                                "PropertiesChanged",
+                                &(proto::OBJECT_INTERFACE, changed, invalidated),
+                            )
+                            .await;
+                    }
                 };
-                let invalidated: &[&str] = &[];
-                let _ = conn
-                    .emit_signal(
-                        None::<()>,
-                        MIMIC_PATH,
-                        "org.freedesktop.DBus.Properties",
-                        "PropertiesChanged",
-                        &(proto::OBJECT_INTERFACE, changed(holders), invalidated),
-                    )
-                    .await;
+                announce(holders).await;
                 let (theirs, _ours) = std::io::pipe().expect("pipe");
                 let fd = zbus::OwnedFd::from(std::os::fd::OwnedFd::from(theirs));
                 let reply = zbus::Message::method_return(&header)
@@ -153,15 +158,7 @@ fn start_mimic(address: &str) -> String {
                 let _ = conn.send(&reply).await;
                 // The release's PropertiesChanged (devmgrd sends it when
                 // the client closes the handle).
-                let _ = conn
-                    .emit_signal(
-                        None::<()>,
-                        MIMIC_PATH,
-                        "org.freedesktop.DBus.Properties",
-                        "PropertiesChanged",
-                        &(proto::OBJECT_INTERFACE, changed(Vec::new()), invalidated),
-                    )
-                    .await;
+                announce(Vec::new()).await;
             }
         });
     });

@@ -269,6 +269,18 @@ print('\\n'.join(out))\n";
         .collect()
 }
 
+/// For each name stamped in both, how long after `from` it was in `to`.
+fn between(from: &HashMap<String, u128>, to: &HashMap<String, u128>) -> Vec<Duration> {
+    from.iter()
+        .filter_map(|(name, t)| {
+            let at = to.get(name)?;
+            Some(Duration::from_nanos(
+                u64::try_from(at.saturating_sub(*t)).unwrap_or(0),
+            ))
+        })
+        .collect()
+}
+
 fn now_ns() -> u128 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -306,15 +318,7 @@ async fn burst(source: &str) {
     }
     let created = loop_burst(0x4C80, first, N);
     let arrivals = collector.await.expect("collector");
-    let mut latencies: Vec<Duration> = created
-        .iter()
-        .filter_map(|(name, t)| {
-            let at = arrivals.get(name)?;
-            Some(Duration::from_nanos(
-                u64::try_from(at.saturating_sub(*t)).unwrap_or(0),
-            ))
-        })
-        .collect();
+    let mut latencies: Vec<Duration> = between(&created, &arrivals);
     let row = |label: &str, latencies: &mut Vec<Duration>| {
         latencies.sort_unstable();
         let pct = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize];
@@ -340,15 +344,7 @@ async fn burst(source: &str) {
     );
     if let Some(floor) = floor {
         let heard = floor.join().expect("listener");
-        let mut floor_latencies: Vec<Duration> = created
-            .iter()
-            .filter_map(|(name, t)| {
-                let at = heard.get(name)?;
-                Some(Duration::from_nanos(
-                    u64::try_from(at.saturating_sub(*t)).unwrap_or(0),
-                ))
-            })
-            .collect();
+        let mut floor_latencies: Vec<Duration> = between(&created, &heard);
         let floor99 = row("  floor: hotplug → udevd's broadcast", &mut floor_latencies);
         println!(
             "  p99 above the floor's p99: {:.1?} (target ≤ 2 ms)",
@@ -358,15 +354,7 @@ async fn burst(source: &str) {
             Some(collector) => collector.await.expect("relay collector"),
             None => HashMap::new(),
         };
-        let mut relay_latencies: Vec<Duration> = created
-            .iter()
-            .filter_map(|(name, t)| {
-                let at = relayed.get(name)?;
-                Some(Duration::from_nanos(
-                    u64::try_from(at.saturating_sub(*t)).unwrap_or(0),
-                ))
-            })
-            .collect();
+        let mut relay_latencies: Vec<Duration> = between(&created, &relayed);
         let relay99 = row(
             "  control: broadcast relayed over the bus",
             &mut relay_latencies,
