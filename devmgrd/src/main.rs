@@ -15,6 +15,7 @@ mod owner;
 mod peers;
 mod persist;
 mod pump;
+mod relay_check;
 mod replay;
 mod serve;
 mod store;

@@ -13,6 +13,8 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{setsockopt, sockopt};
 use tokio::sync::mpsc;
 
+use crate::relay_check::RelayCheck;
+
 pub use drivers::uevent::{Action, Source, UEvent};
 
 /// The monitor socket's receive buffer, as systemd-udevd sets it.
@@ -69,7 +71,14 @@ fn text(s: Option<&std::ffi::OsStr>) -> Option<String> {
     s.map(|s| s.to_string_lossy().into_owned())
 }
 
-fn from_device(action: Action, seqnum: u64, device: &udev::Device) -> UEvent {
+/// `driver` is what the caller read: an event's own DRIVER, or sysfs's
+/// link for an enumerated device (see [`enumerate`]).
+fn from_device(
+    action: Action,
+    seqnum: u64,
+    device: &udev::Device,
+    driver: Option<String>,
+) -> UEvent {
     UEvent {
         action,
         seqnum,
@@ -77,7 +86,7 @@ fn from_device(action: Action, seqnum: u64, device: &udev::Device) -> UEvent {
         subsystem: text(device.subsystem()).unwrap_or_default(),
         sys_name: device.sysname().to_string_lossy().into_owned(),
         devtype: text(device.devtype()),
-        driver: text(device.driver()),
+        driver,
         sys_path_old: text(device.property_value("DEVPATH_OLD")).map(|old| format!("/sys{old}")),
         properties: drivers::uevent::KEPT_PROPERTIES
             .iter()
@@ -172,7 +181,10 @@ fn enumerate(subsystems: &[String]) -> Result<Vec<UEvent>, String> {
     let mut existing: Vec<UEvent> = enumerator
         .scan_devices()
         .map_err(|e| format!("cannot enumerate devices: {e}"))?
-        .map(|device| from_device(Action::Add, 0, &device))
+        .map(|device| {
+            let driver = text(device.driver());
+            from_device(Action::Add, 0, &device, driver)
+        })
         .collect();
     // Parents before children: a parent's sys path is a prefix of its child's.
     existing.sort_by(|a, b| a.sys_path.cmp(&b.sys_path));
@@ -186,9 +198,15 @@ fn read(
     socket: &udev::MonitorSocket,
     events: &mpsc::UnboundedSender<Ingest>,
 ) {
+    let mut relay = (source == Source::Udev).then(|| RelayCheck::open(subsystems));
     loop {
-        let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::NONE) {
+        let mut fds = vec![PollFd::new(socket.as_fd(), PollFlags::POLLIN)];
+        let kernel_fd = relay.as_ref().and_then(RelayCheck::fd);
+        fds.extend(kernel_fd.map(|fd| PollFd::new(fd, PollFlags::POLLIN)));
+        let timeout = relay
+            .as_ref()
+            .map_or(PollTimeout::NONE, RelayCheck::timeout);
+        match poll(&mut fds, timeout) {
             Ok(_) => {}
             Err(Errno::EINTR) => continue,
             Err(e) => {
@@ -196,11 +214,32 @@ fn read(
                 return;
             }
         }
+        let kernel_readable = fds
+            .get(1)
+            .and_then(PollFd::revents)
+            .is_some_and(|r| !r.is_empty());
+        drop(fds);
+        if let Some(check) = relay.as_mut() {
+            if kernel_readable {
+                check.on_kernel_readable();
+            }
+            check.expire();
+            if check.fd().is_none() {
+                relay = None;
+            }
+        }
         // libudev ends the iteration with errno set: EAGAIN when drained,
         // ENOBUFS when the kernel dropped events because we fell behind.
         Errno::clear();
         for event in socket.iter() {
-            let mut uevent = from_device(action_of(&event), event.sequence_number(), &event);
+            // The event's own DRIVER, never `device.driver()`: without the
+            // property libudev reads the sysfs link, a kernfs lookup that
+            // waits behind the very burst being reported (measured: the
+            // reader's tail latency) and that describes the device as it is
+            // now, not as the event saw it.
+            let driver = text(event.property_value("DRIVER"));
+            let mut uevent =
+                from_device(action_of(&event), event.sequence_number(), &event, driver);
             if uevent.action == Action::Other
                 && event.property_value("ACTION").is_some_and(|a| a == "move")
             {
@@ -208,6 +247,9 @@ fn read(
             }
             if events.send(Ingest::Event(uevent)).is_err() {
                 return; // the daemon is shutting down
+            }
+            if let Some(mut check) = relay.take() {
+                check.on_relayed();
             }
         }
         if Errno::last() == Errno::ENOBUFS {

@@ -271,6 +271,41 @@ async fn the_first_call_after_the_name_appears_sees_the_coldplug() {
     }
 }
 
+/// udevd's broadcasts stop at the network namespace, the kernel's uevents
+/// do not: a devmgrd on the udev source in a network namespace of its own
+/// (a container with a private network) hears nothing from udevd. It must
+/// say so, rather than model a machine that never changes; a devmgrd that
+/// does hear udevd must not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udev_source_that_hears_nothing_from_udevd_says_so() {
+    require_udevd();
+    const WARNING: &str = "relayed none of them";
+    let args = ["--udev-source", "udev", "--subsystems", "block"];
+    let isolated_bus = TestBus::start();
+    let isolated =
+        Daemon::start_at_wrapped(&isolated_bus.address, &["unshare", "--net", "--"], &args);
+    let (_bus, heard, client) = watching("udev", "block", &[]).await;
+    let device = Loop::create(7000);
+    appears(&client, &device.name()).await;
+    let start = std::time::Instant::now();
+    while !isolated.log().contains(WARNING) {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "no warning within 30 s of the kernel's events; the log:\n{}",
+            isolated.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let isolated_client = Client::connect(&isolated_bus.address).await;
+    assert!(
+        find(&isolated_client, &device.name()).await.is_none(),
+        "the isolated daemon was not isolated"
+    );
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert!(!heard.log().contains(WARNING), "{}", heard.log());
+    assert_eq!(isolated.log().matches(WARNING).count(), 1, "warned once");
+}
+
 fn sys_block(name: &str) -> std::path::PathBuf {
     std::path::Path::new("/sys/devices/virtual/block").join(name)
 }
