@@ -16,7 +16,8 @@ Exit status:
 
 The daemon is found at --address, else $DEVMGR_BUS_ADDRESS, else the embedded
 bus's address file (/run/devmgr/bus as root, $XDG_RUNTIME_DIR/devmgr/bus
-otherwise), else on the system bus, else on the session bus.
+otherwise), else on the system bus, else on the session bus; on a bus where it
+is not running but can be started (D-Bus activation), the first call starts it.
 
 OBJ is an object path, an id, KIND/NAME (e.g. host/host0), or a name that is
 unique across kinds. The machine's devices and those clients add have

@@ -1,8 +1,9 @@
 //! Finding devmgrd (DESIGN.md §3): `--address`, then `$DEVMGR_BUS_ADDRESS`,
 //! then the embedded bus's address file, then the system bus, then the
 //! session bus. An address given explicitly is the only one tried; otherwise
-//! the first bus on which devmgrd owns its name wins, and when none does the
-//! error lists every place tried and why it failed.
+//! the first bus on which devmgrd owns its name, or can be started by D-Bus
+//! activation (its service file is installed there), wins; when none does
+//! the error lists every place tried and why it failed.
 
 use std::path::Path;
 
@@ -79,7 +80,10 @@ fn unreachable(tried: &[String]) -> Failure {
     Failure::Unreachable(text)
 }
 
-/// Connects to `address` and checks that devmgrd owns its name there.
+/// Connects to `address` and checks that devmgrd owns its name there, or
+/// starts it when the bus can (D-Bus activation; under systemd the bus asks
+/// systemd to start devmgr.service and answers once the name is claimed,
+/// which devmgrd does only after its coldplug).
 async fn try_address(source: &str, address: &str) -> Result<Found, String> {
     let conn = zbus::connection::Builder::address(address)
         .build()
@@ -88,17 +92,37 @@ async fn try_address(source: &str, address: &str) -> Result<Found, String> {
     let bus = fdo::DBusProxy::new(&conn)
         .await
         .map_err(|e| format!("{source} ({address}): {e}"))?;
-    let name = zbus::names::WellKnownName::from_static_str_unchecked(proto::BUS_NAME).into();
-    match bus.name_has_owner(name).await {
-        Ok(true) => Ok(Found {
-            conn,
-            source: source.to_owned(),
-            address: Some(address.to_owned()),
-        }),
-        Ok(false) => Err(format!(
-            "{source} ({address}): no one owns {}",
+    let name = || zbus::names::WellKnownName::from_static_str_unchecked(proto::BUS_NAME);
+    let found = |conn| Found {
+        conn,
+        source: source.to_owned(),
+        address: Some(address.to_owned()),
+    };
+    match bus.name_has_owner(name().into()).await {
+        Ok(true) => return Ok(found(conn)),
+        Ok(false) => {}
+        Err(e) => return Err(format!("{source} ({address}): {e}")),
+    }
+    // Asking first keeps a bus that cannot start us from being reported
+    // as a failed start, and a bus that can from being skipped.
+    let activatable = bus
+        .list_activatable_names()
+        .await
+        .map_err(|e| format!("{source} ({address}): {e}"))?
+        .iter()
+        .any(|n| n.as_str() == proto::BUS_NAME);
+    if !activatable {
+        return Err(format!(
+            "{source} ({address}): no one owns {} and the bus cannot start it \
+             (no D-Bus service file for it)",
+            proto::BUS_NAME
+        ));
+    }
+    match bus.start_service_by_name(name(), 0).await {
+        Ok(_) => Ok(found(conn)),
+        Err(e) => Err(format!(
+            "{source} ({address}): starting {} failed: {e}",
             proto::BUS_NAME
         )),
-        Err(e) => Err(format!("{source} ({address}): {e}")),
     }
 }

@@ -16,8 +16,9 @@ use tokio::process::{Child, Command};
 /// The `--bus` choice.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BusChoice {
-    /// The session bus if there is one, else the system bus if it runs,
-    /// else an embedded private bus.
+    /// The bus that activated us if any ([`BusChoice::Starter`]), else the
+    /// session bus if there is one, else the system bus if it runs, else an
+    /// embedded private bus.
     Auto,
     /// The user's session bus.
     Session,
@@ -27,6 +28,15 @@ pub enum BusChoice {
     Embedded,
     /// Any D-Bus address.
     Address(String),
+    /// The bus that started us by D-Bus activation (`auto` only): the
+    /// bus daemon sets `$DBUS_STARTER_ADDRESS` and `$DBUS_STARTER_BUS_TYPE`
+    /// and waits for the name there, whatever other buses exist.
+    Starter {
+        /// `$DBUS_STARTER_ADDRESS`.
+        address: String,
+        /// `$DBUS_STARTER_BUS_TYPE` (`system`, `session`, or unknown).
+        bus_type: String,
+    },
 }
 
 impl FromStr for BusChoice {
@@ -56,6 +66,12 @@ impl BusChoice {
     pub fn resolve(self) -> BusChoice {
         if self != BusChoice::Auto {
             return self;
+        }
+        if let Ok(address) = std::env::var("DBUS_STARTER_ADDRESS") {
+            if !address.is_empty() {
+                let bus_type = std::env::var("DBUS_STARTER_BUS_TYPE").unwrap_or_default();
+                return BusChoice::Starter { address, bus_type };
+            }
         }
         if std::env::var_os("DBUS_SESSION_BUS_ADDRESS").is_some() {
             BusChoice::Session

@@ -23,8 +23,10 @@ use crate::{bus, config, uevents};
 #[derive(Parser, Debug)]
 #[command(name = "devmgrd", version, about, long_about, after_long_help = AFTER_HELP)]
 pub struct Args {
-    /// The bus to serve on: `auto` (the session bus if there is one, else the
-    /// system bus if it runs, else an embedded private bus), `session`,
+    /// The bus to serve on: `auto` (the bus that started devmgrd by D-Bus
+    /// activation, $DBUS_STARTER_ADDRESS, if any; else the session bus if
+    /// there is one, else the system bus if it runs, else an embedded
+    /// private bus), `session`,
     /// `system`, `embedded`, or a D-Bus address such as `unix:path=/run/x`.
     #[arg(long, default_value = "auto")]
     pub bus: bus::BusChoice,

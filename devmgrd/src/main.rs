@@ -334,8 +334,11 @@ async fn run(settings: Settings) -> Result<(), String> {
         .runtime_dir
         .clone()
         .unwrap_or_else(bus::runtime_dir);
-    let auto = settings.bus == bus::BusChoice::Auto;
-    let choice = settings.bus.resolve();
+    let choice = settings.bus.clone().resolve();
+    // Falling back to an embedded bus would leave a bus that activated us
+    // waiting for a name that never comes: fail instead.
+    let auto =
+        settings.bus == bus::BusChoice::Auto && !matches!(choice, bus::BusChoice::Starter { .. });
     let mut embedded = None;
     use serve::limits::BusType;
     let shared = match &choice {
@@ -353,6 +356,23 @@ async fn run(settings: Settings) -> Result<(), String> {
             connection::Builder::address(a.as_str()),
             a.clone(),
             BusType::Unknown,
+        )),
+        bus::BusChoice::Starter { address, bus_type } => Some((
+            connection::Builder::address(address.as_str()),
+            // "serving … on the activating system bus (unix:…)"
+            format!(
+                "activating {}",
+                if bus_type.is_empty() {
+                    address.clone()
+                } else {
+                    format!("{bus_type} ({address})")
+                }
+            ),
+            match bus_type.as_str() {
+                "system" => BusType::System,
+                "session" => BusType::Session,
+                _ => BusType::Unknown,
+            },
         )),
         bus::BusChoice::Embedded | bus::BusChoice::Auto => None,
     };
