@@ -285,7 +285,7 @@ async fn a_udev_source_that_hears_nothing_from_udevd_says_so() {
     let isolated =
         Daemon::start_at_wrapped(&isolated_bus.address, &["unshare", "--net", "--"], &args);
     let (_bus, heard, client) = watching("udev", "block", &[]).await;
-    let device = Loop::create(7000);
+    let device = Loop::create(6000);
     appears(&client, &device.name()).await;
     let start = std::time::Instant::now();
     while !isolated.log().contains(WARNING) {
