@@ -17,6 +17,7 @@ use zbus::{MatchRule, MessageStream, ObjectPath, OwnedObjectPath, OwnedVariant, 
 
 pub use proto::{MANAGER_INTERFACE as MANAGER, OBJECT_INTERFACE as OBJECT};
 
+pub mod container;
 pub mod disks;
 pub mod system_bus;
 
