@@ -2,8 +2,9 @@
 //! their tree links, driver bindings and references; read-only queries; and
 //! a from-scratch recount of every derived count (`check_invariants`).
 //!
-//! Lifecycle operations live in `lifecycle.rs`; this file owns the storage
-//! and the bookkeeping that keeps links and counts consistent.
+//! Lifecycle operations live in `lifecycle/`, one family to a file; this
+//! file owns the storage and the bookkeeping that keeps links and counts
+//! consistent.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
