@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use clap::{CommandFactory, Parser, ValueEnum};
 
-use crate::{bus, config, uevents};
+use crate::bus::choice::BusChoice;
+use crate::{config, uevents};
 
 /// The devmgr hotplug device-manager daemon.
 ///
@@ -29,7 +30,7 @@ pub struct Args {
     /// private bus), `session`,
     /// `system`, `embedded`, or a D-Bus address such as `unix:path=/run/x`.
     #[arg(long, default_value = "auto")]
-    pub bus: bus::BusChoice,
+    pub bus: BusChoice,
     /// Where the embedded bus puts its socket and address file (default
     /// /run/devmgr as root, else $XDG_RUNTIME_DIR/devmgr).
     #[arg(long, value_name = "DIR")]

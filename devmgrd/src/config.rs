@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::{authz, bus, cli, uevents};
+use crate::bus::authz;
+use crate::bus::choice::BusChoice;
+use crate::{cli, uevents};
 
 /// Where the configuration file is unless `--config` says otherwise.
 pub const DEFAULT_PATH: &str = "/etc/devmgr/devmgrd.toml";
@@ -91,7 +93,7 @@ fn parse(source: &Source) -> Result<File, String> {
 /// What devmgrd runs with.
 #[derive(Debug)]
 pub struct Settings {
-    pub bus: bus::BusChoice,
+    pub bus: BusChoice,
     pub runtime_dir: Option<PathBuf>,
     /// Which file was read, for the log.
     pub config: Option<PathBuf>,
@@ -219,7 +221,7 @@ pub fn settings(args: cli::Args, state_directory: Option<&str>) -> Result<Settin
 /// (256 attributes of 4 KiB) must fit, and D-Bus allows no more than 128 MiB.
 fn check_message_size(n: u64) -> Result<usize, String> {
     const LOW: u64 = 2 * 1024 * 1024;
-    let high = crate::serve::limits::PROTOCOL_MAX as u64;
+    let high = crate::bus::serve::limits::PROTOCOL_MAX as u64;
     if (LOW..=high).contains(&n) {
         usize::try_from(n).map_err(|_| format!("max-message-size {n} is too large here"))
     } else {

@@ -1,23 +1,17 @@
 //! devmgrd: the devmgr daemon. Owns the device model and serves it on D-Bus
 //! as `org.devmgr.DevMgr1` (shared/DESIGN.md §3).
 
-mod authz;
 mod bus;
 mod claim;
 mod cli;
 mod config;
 mod effects;
-mod errors;
-mod handles;
 mod ingest;
 mod logging;
 mod owner;
-mod peers;
 mod persist;
-mod pump;
 mod relay_check;
 mod replay;
-mod serve;
 mod store;
 mod uevents;
 mod users;
@@ -31,6 +25,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::Parser;
 use drivers::{AddRequest, Kind, Model};
 
+use bus::choice::{address_file, runtime_dir, BusChoice, EmbeddedBus};
+use bus::{authz, handles, peers, pump, serve};
 use config::Settings;
 use zbus::{connection, fdo};
 
@@ -330,34 +326,30 @@ async fn run(settings: Settings) -> Result<(), String> {
     // Only the ingestion may say the coldplug is in; if it stops first, the
     // wait ends with an error instead of forever.
     drop(coldplugged_tx);
-    let runtime_dir = settings
-        .runtime_dir
-        .clone()
-        .unwrap_or_else(bus::runtime_dir);
+    let runtime_dir = settings.runtime_dir.clone().unwrap_or_else(runtime_dir);
     let choice = settings.bus.clone().resolve();
     // Falling back to an embedded bus would leave a bus that activated us
     // waiting for a name that never comes: fail instead.
-    let auto =
-        settings.bus == bus::BusChoice::Auto && !matches!(choice, bus::BusChoice::Starter { .. });
+    let auto = settings.bus == BusChoice::Auto && !matches!(choice, BusChoice::Starter { .. });
     let mut embedded = None;
     use serve::limits::BusType;
     let shared = match &choice {
-        bus::BusChoice::Session => Some((
+        BusChoice::Session => Some((
             connection::Builder::session(),
             "session".to_owned(),
             BusType::Session,
         )),
-        bus::BusChoice::System => Some((
+        BusChoice::System => Some((
             connection::Builder::system(),
             "system".to_owned(),
             BusType::System,
         )),
-        bus::BusChoice::Address(a) => Some((
+        BusChoice::Address(a) => Some((
             connection::Builder::address(a.as_str()),
             a.clone(),
             BusType::Unknown,
         )),
-        bus::BusChoice::Starter { address, bus_type } => Some((
+        BusChoice::Starter { address, bus_type } => Some((
             connection::Builder::address(address.as_str()),
             // "serving … on the activating system bus (unix:…)"
             format!(
@@ -374,7 +366,7 @@ async fn run(settings: Settings) -> Result<(), String> {
                 _ => BusType::Unknown,
             },
         )),
-        bus::BusChoice::Embedded | bus::BusChoice::Auto => None,
+        BusChoice::Embedded | BusChoice::Auto => None,
     };
     let mut batches = Some(batches);
     let conn = match shared {
@@ -411,7 +403,7 @@ async fn run(settings: Settings) -> Result<(), String> {
             let Some(taken) = batches.take() else {
                 return Err("the model's batches are gone".to_owned());
             };
-            let bus = bus::EmbeddedBus::start(&runtime_dir).await?;
+            let bus = EmbeddedBus::start(&runtime_dir).await?;
             let address = bus.address().to_owned();
             embedded = Some(bus);
             let conn = serve(
@@ -427,7 +419,7 @@ async fn run(settings: Settings) -> Result<(), String> {
             .map_err(|refused| refused.why)?;
             tracing::info!(
                 "embedded bus at {address} (written to {})",
-                bus::address_file(&runtime_dir).display()
+                address_file(&runtime_dir).display()
             );
             (conn, "embedded".to_owned())
         }

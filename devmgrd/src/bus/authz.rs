@@ -16,7 +16,7 @@ use std::sync::Arc;
 use zbus::message::Header;
 use zbus::Connection;
 
-use crate::peers::{Caller, Peers};
+use crate::bus::peers::{Caller, Peers};
 
 /// What a caller wants to do.
 #[derive(Clone, Copy, Debug)]
@@ -216,7 +216,7 @@ mod tests {
     /// Every verb's action is in the polkit policy that ships, once.
     #[test]
     fn the_polkit_policy_names_every_action() {
-        let policy = include_str!("../../data/org.devmgr.DevMgr1.policy");
+        let policy = include_str!("../../../data/org.devmgr.DevMgr1.policy");
         for verb in Verb::ALL {
             let action = format!("<action id=\"{}\">", verb.action_id());
             assert_eq!(policy.matches(&action).count(), 1, "{action}");

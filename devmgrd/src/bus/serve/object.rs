@@ -10,8 +10,8 @@ use zbus::{fdo, OwnedFd, OwnedObjectPath};
 
 use super::args::{flag, no_options, optional_u32, path_of, required, Options};
 use super::{introspect, is, properties, unknown_interface, unknown_method, Answer, Call, Failure};
-use crate::authz::Verb;
-use crate::errors::{bad_option, from_engine, from_owner};
+use crate::bus::authz::Verb;
+use crate::bus::errors::{bad_option, from_engine, from_owner};
 use crate::owner::now_micros;
 
 /// Answers a call on object `id`.
@@ -75,7 +75,10 @@ async fn run<R: Send + 'static>(
         .map_err(|e| from_engine(e).into())
 }
 
-async fn allow(call: &Call, verb: Verb) -> Result<std::sync::Arc<crate::peers::Caller>, Failure> {
+async fn allow(
+    call: &Call,
+    verb: Verb,
+) -> Result<std::sync::Arc<crate::bus::peers::Caller>, Failure> {
     let header = call.header();
     Ok(call.shared.authz.allow(&call.conn, &header, verb).await?)
 }

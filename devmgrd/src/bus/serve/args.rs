@@ -8,7 +8,7 @@ use drivers::ObjectId;
 use proto::NO_OBJECT_PATH;
 use zbus::{ObjectPath, OwnedObjectPath, OwnedVariant};
 
-use crate::errors::bad_option;
+use crate::bus::errors::bad_option;
 
 /// A call's `a{sv}` options.
 pub type Options = HashMap<String, OwnedVariant>;

@@ -7,9 +7,9 @@
 use std::sync::OnceLock;
 
 use super::{Call, Failure};
-use crate::errors::from_owner;
+use crate::bus::errors::from_owner;
 
-const CONTRACT: &str = include_str!("../../../data/org.devmgr.DevMgr1.xml");
+const CONTRACT: &str = include_str!("../../../../data/org.devmgr.DevMgr1.xml");
 
 const DOCTYPE: &str = "<!DOCTYPE node PUBLIC \"-//freedesktop//DTD D-BUS Object Introspection 1.0//EN\"\n \"http://www.freedesktop.org/standards/dbus/1.0/introspect.dtd\">\n";
 

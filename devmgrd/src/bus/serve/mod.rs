@@ -33,8 +33,8 @@ use crate::owner::ModelHandle;
 #[derive(Clone)]
 pub struct Shared {
     pub handle: ModelHandle,
-    pub handles: crate::handles::Handles,
-    pub authz: crate::authz::Authorizer,
+    pub handles: crate::bus::handles::Handles,
+    pub authz: crate::bus::authz::Authorizer,
     /// The largest message the bus accepts from us.
     pub max_message: usize,
     /// Whether changes can be kept now (`--state-dir` on a full disk).

@@ -12,9 +12,9 @@ use proto::{MANAGER_INTERFACE, MANAGER_PATH, OBJECT_INTERFACE};
 use tokio::sync::{mpsc, oneshot};
 use zbus::{Connection, Message, OwnedObjectPath, Variant};
 
+use crate::bus::serve::args::path_of;
+use crate::bus::serve::{properties, wire, Shared};
 use crate::owner::Batch;
-use crate::serve::args::path_of;
-use crate::serve::{properties, wire, Shared};
 
 /// Most batches published as one group: bounds how long the first reply
 /// of a group waits for the others' signals.

@@ -13,8 +13,8 @@ use super::args::{id_of, optional_str, optional_u32, path_of, required, wire_nam
 use super::{
     introspect, is, properties, too_big, unknown_interface, unknown_method, wire, Answer, Call,
 };
-use crate::authz::Verb;
-use crate::errors::{bad_option, from_engine, from_owner};
+use crate::bus::authz::Verb;
+use crate::bus::errors::{bad_option, from_engine, from_owner};
 
 /// Objects in a page when the query does not say.
 pub const DEFAULT_PAGE: u32 = 1000;

@@ -198,7 +198,7 @@ mod tests {
     use zbus::{OwnedObjectPath, OwnedVariant};
 
     use super::*;
-    use crate::serve::properties;
+    use crate::bus::serve::properties;
 
     fn object(id: u64, holders: usize, attributes: &[(&str, &str)]) -> ObjectInfo {
         let holder = Arc::new(Holder {
