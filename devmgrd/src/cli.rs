@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use clap::{CommandFactory, Parser, ValueEnum};
 
 use crate::bus::choice::BusChoice;
-use crate::{config, uevents};
+use crate::config;
+use crate::machine::uevents;
 
 /// The devmgr hotplug device-manager daemon.
 ///

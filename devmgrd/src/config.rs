@@ -12,7 +12,8 @@ use toml::Spanned;
 
 use crate::bus::authz;
 use crate::bus::choice::BusChoice;
-use crate::{cli, uevents};
+use crate::cli;
+use crate::machine::uevents;
 
 /// Where the configuration file is unless `--config` says otherwise.
 pub const DEFAULT_PATH: &str = "/etc/devmgr/devmgrd.toml";

@@ -2,19 +2,13 @@
 //! as `org.devmgr.DevMgr1` (shared/DESIGN.md §3).
 
 mod bus;
-mod claim;
 mod cli;
 mod config;
-mod effects;
-mod ingest;
 mod logging;
+mod machine;
 mod owner;
 mod persist;
-mod relay_check;
-mod replay;
 mod store;
-mod uevents;
-mod users;
 
 use std::process::ExitCode;
 
@@ -28,6 +22,7 @@ use drivers::{AddRequest, Kind, Model};
 use bus::choice::{address_file, runtime_dir, BusChoice, EmbeddedBus};
 use bus::{authz, handles, peers, pump, serve};
 use config::Settings;
+use machine::{effects, ingest, replay, uevents, users};
 use zbus::{connection, fdo};
 
 #[tokio::main(flavor = "current_thread")]

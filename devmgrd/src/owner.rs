@@ -26,7 +26,7 @@ pub struct Owned {
     /// What to keep across restarts, if anything is kept.
     pub tracker: Option<Tracker>,
     /// The kernel's users of real devices, as references (rule 17).
-    pub kernel: crate::users::Registry,
+    pub kernel: crate::machine::users::Registry,
 }
 
 impl Owned {
@@ -35,7 +35,7 @@ impl Owned {
         Owned {
             model,
             tracker,
-            kernel: crate::users::Registry::default(),
+            kernel: crate::machine::users::Registry::default(),
         }
     }
 }
@@ -195,13 +195,13 @@ const MAX_JOBS_PER_BATCH: usize = 256;
 
 pub fn spawn(
     mut owned: Owned,
-    actuation: crate::effects::Actuation,
-    watcher: Option<crate::users::Handle>,
+    actuation: crate::machine::effects::Actuation,
+    watcher: Option<crate::machine::users::Handle>,
 ) -> (ModelHandle, mpsc::UnboundedReceiver<Batch>) {
     let (jobs_tx, mut jobs_rx) = mpsc::unbounded_channel::<Job>();
     let (batch_tx, batch_rx) = mpsc::unbounded_channel();
     let handle = ModelHandle { jobs: jobs_tx };
-    let effects = crate::effects::spawn(handle.downgrade(), actuation, watcher);
+    let effects = crate::machine::effects::spawn(handle.downgrade(), actuation, watcher);
     tokio::spawn(async move {
         let mut seq = 0u64;
         loop {
@@ -272,16 +272,20 @@ pub fn spawn(
             // Driver actions run elsewhere; their completion is a later command.
             for effect in model.take_effects() {
                 let work = match effect {
-                    drivers::Effect::Exit { id, driver, action } => crate::effects::Work::Exit {
-                        id,
-                        driver,
-                        action,
-                        devices: crate::users::nodes_under(model, id),
-                    },
-                    drivers::Effect::Detach { id, references } => crate::effects::Work::Detach {
-                        id,
-                        details: kernel.details(id, &references),
-                    },
+                    drivers::Effect::Exit { id, driver, action } => {
+                        crate::machine::effects::Work::Exit {
+                            id,
+                            driver,
+                            action,
+                            devices: crate::machine::users::nodes_under(model, id),
+                        }
+                    }
+                    drivers::Effect::Detach { id, references } => {
+                        crate::machine::effects::Work::Detach {
+                            id,
+                            details: kernel.details(id, &references),
+                        }
+                    }
                 };
                 let _ = effects.send(work);
             }
@@ -323,7 +327,7 @@ pub fn spawn(
 /// reported them, as many updates per command as are waiting.
 pub async fn record_kernel_users(
     handle: ModelHandle,
-    mut updates: mpsc::UnboundedReceiver<crate::users::Update>,
+    mut updates: mpsc::UnboundedReceiver<crate::machine::users::Update>,
 ) {
     while let Some(first) = updates.recv().await {
         let mut group = vec![first];

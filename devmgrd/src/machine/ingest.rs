@@ -16,8 +16,8 @@ use std::collections::BTreeMap;
 use drivers::{AddRequest, Kind, Model, ObjectId};
 use tokio::sync::mpsc;
 
+use crate::machine::uevents::{Action, Ingest, UEvent};
 use crate::owner::ModelHandle;
-use crate::uevents::{Action, Ingest, UEvent};
 
 /// The devices the model holds from udev, by sys path.
 #[derive(Default)]
@@ -69,7 +69,7 @@ const MAX_BATCH: usize = 64;
 pub async fn run(
     handle: ModelHandle,
     mut events: mpsc::UnboundedReceiver<Ingest>,
-    watcher: Option<crate::users::Handle>,
+    watcher: Option<crate::machine::users::Handle>,
     coldplugged: tokio::sync::watch::Sender<bool>,
 ) {
     let mut known = Known::default();
@@ -121,7 +121,7 @@ pub async fn run(
         // (A device's add reaches the watcher with the model's new object.)
         if let Some(w) = &watcher {
             for name in block {
-                w.send(crate::users::Command::Uevent { name });
+                w.send(crate::machine::users::Command::Uevent { name });
             }
         }
     }

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use drivers::uevent::{Parser, ReplayError, Source, UEvent};
 
-use crate::uevents::Ingest;
+use crate::machine::uevents::Ingest;
 
 /// Reads `path` to its end, sending each event; malformed blocks are logged.
 pub async fn run(

@@ -13,9 +13,8 @@ use drivers::kernel::verbs;
 use drivers::{ExitAction, ObjectId};
 use tokio::sync::mpsc;
 
-use crate::claim;
+use crate::machine::{claim, users};
 use crate::owner::WeakModelHandle;
-use crate::users;
 
 /// Work for the executor, as the owner hands it over.
 pub enum Work {

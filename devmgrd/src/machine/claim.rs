@@ -14,7 +14,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::users::DevNum;
+use crate::machine::users::DevNum;
 
 /// Exclusive claims, held until dropped.
 pub struct Claim {
@@ -49,7 +49,7 @@ fn open_exclusive(node: &Path) -> std::io::Result<File> {
 pub fn take(nodes: &[(PathBuf, DevNum)]) -> Result<Claim, Refused> {
     let mut held = Vec::new();
     for (node, dev) in nodes {
-        if crate::users::block_device(node) != Some(*dev) {
+        if crate::machine::users::block_device(node) != Some(*dev) {
             tracing::debug!(
                 "{}: no node of block device {}:{} to claim",
                 node.display(),

@@ -13,7 +13,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{setsockopt, sockopt};
 use tokio::sync::mpsc;
 
-use crate::relay_check::RelayCheck;
+use crate::machine::relay_check::RelayCheck;
 
 pub use drivers::uevent::{Action, Source, UEvent};
 
