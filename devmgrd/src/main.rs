@@ -7,8 +7,7 @@ mod config;
 mod logging;
 mod machine;
 mod owner;
-mod persist;
-mod store;
+mod state;
 
 use std::process::ExitCode;
 
@@ -23,6 +22,7 @@ use bus::choice::{address_file, runtime_dir, BusChoice, EmbeddedBus};
 use bus::{authz, handles, peers, pump, serve};
 use config::Settings;
 use machine::{effects, ingest, replay, uevents, users};
+use state::{persist, store};
 use zbus::{connection, fdo};
 
 #[tokio::main(flavor = "current_thread")]

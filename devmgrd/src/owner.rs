@@ -5,7 +5,7 @@
 
 use drivers::{Event, Model, ObjectId, ReferenceInfo};
 
-use crate::persist::{Change, Tracker};
+use crate::state::persist::{Change, Tracker};
 use tokio::sync::{mpsc, oneshot};
 
 /// Microseconds since the Unix epoch: the engine's "now".

@@ -38,7 +38,7 @@ pub struct Shared {
     /// The largest message the bus accepts from us.
     pub max_message: usize,
     /// Whether changes can be kept now (`--state-dir` on a full disk).
-    pub writable: crate::store::Writable,
+    pub writable: crate::state::store::Writable,
 }
 
 impl Shared {

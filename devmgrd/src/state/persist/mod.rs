@@ -1,7 +1,7 @@
 //! What of the model survives a restart (`--state-dir`), and how it comes
 //! back: the records, the tracker that turns each batch's events into
 //! record changes, and the restore that rebuilds a fresh model from records.
-//! Pure and synchronous; the files are `store.rs`'s business.
+//! Pure and synchronous; the files are `state/store.rs`'s business.
 //!
 //! Kept: objects added through the API (kind, name, parent, driver,
 //! attributes, state), the admin state (`stopped`, `removing`) of real

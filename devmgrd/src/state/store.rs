@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::owner::Batch;
-use crate::persist::{Change, Kept, Link, Record};
+use crate::state::persist::{Change, Kept, Link, Record};
 
 const SNAPSHOT: &str = "state.json";
 const FORMAT: u32 = 1;
