@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use clap::{CommandFactory, Parser, ValueEnum};
 
 use crate::bus::choice::BusChoice;
-use crate::config;
 use crate::machine::uevents;
 
 /// The devmgr hotplug device-manager daemon.
@@ -172,25 +171,4 @@ pub fn generate(what: Generate) -> std::io::Result<()> {
     };
     clap_complete::generate(shell, &mut command, "devmgrd", &mut out);
     std::io::stdout().write_all(&out)
-}
-
-/// `--yes` / `--no-yes`: which of a pair was given last, if either.
-pub fn either(yes: bool, no: bool) -> Option<bool> {
-    match (yes, no) {
-        (true, _) => Some(true),
-        (_, true) => Some(false),
-        _ => None,
-    }
-}
-
-/// The file to read: `--config`, else the default one if it exists.
-/// `Some((path, required))`.
-pub fn config_file(args: &Args) -> Option<(PathBuf, bool)> {
-    if args.no_config {
-        return None;
-    }
-    match &args.config {
-        Some(path) => Some((path.clone(), true)),
-        None => Some((PathBuf::from(config::DEFAULT_PATH), false)),
-    }
 }

@@ -118,11 +118,32 @@ pub struct Settings {
     pub state_dir: Option<PathBuf>,
 }
 
+/// `--yes` / `--no-yes`: which of a pair was given last, if either.
+fn either(yes: bool, no: bool) -> Option<bool> {
+    match (yes, no) {
+        (true, _) => Some(true),
+        (_, true) => Some(false),
+        _ => None,
+    }
+}
+
+/// The file to read: `--config`, else the default one if it exists.
+/// `Some((path, required))`.
+fn config_file(args: &cli::Args) -> Option<(PathBuf, bool)> {
+    if args.no_config {
+        return None;
+    }
+    match &args.config {
+        Some(path) => Some((path.clone(), true)),
+        None => Some((PathBuf::from(DEFAULT_PATH), false)),
+    }
+}
+
 /// The settings from `args` over the configuration file it names, over the
 /// defaults. `state_directory` is `$STATE_DIRECTORY` (systemd's
 /// StateDirectory=), the state directory when neither names one.
 pub fn settings(args: cli::Args, state_directory: Option<&str>) -> Result<Settings, String> {
-    let (file, source) = match cli::config_file(&args) {
+    let (file, source) = match config_file(&args) {
         None => (File::default(), None),
         Some((path, required)) => match read(&path, required)? {
             Some((file, source)) => (file, Some(source)),
@@ -186,19 +207,19 @@ pub fn settings(args: cli::Args, state_directory: Option<&str>) -> Result<Settin
         bus: args.bus,
         runtime_dir: args.runtime_dir,
         config: source.map(|s| s.path),
-        udev: cli::either(args.udev, args.no_udev)
+        udev: either(args.udev, args.no_udev)
             .or(file.udev)
             .unwrap_or(true),
         udev_source,
         subsystems,
         replay: args.replay,
-        actuate: cli::either(args.actuate, args.no_actuate)
+        actuate: either(args.actuate, args.no_actuate)
             .or(file.actuate)
             .unwrap_or(true),
         sysfs_root: args.sysfs_root,
         udev_receive_buffer: args.udev_receive_buffer,
         authorized_group: group,
-        restrict_acquire: cli::either(args.restrict_acquire, args.no_restrict_acquire)
+        restrict_acquire: either(args.restrict_acquire, args.no_restrict_acquire)
             .or(file.restrict_acquire)
             .unwrap_or(false),
         max_references_per_client: args
