@@ -79,7 +79,7 @@ struct Refused {
 /// sees the whole model.
 async fn serve(
     builder: connection::Builder<'_>,
-    handle: &owner::ModelHandle,
+    handle: &owner::handle::ModelHandle,
     authz: &authz::Authorizer,
     // The bus's label and type, and the message size limit configured.
     bus: (&str, serve::limits::BusType, Option<usize>),
@@ -177,7 +177,7 @@ async fn serve(
 /// open state directory with what it now keeps.
 fn build_model(
     settings: &Settings,
-) -> Result<(owner::Owned, Option<(store::Store, persist::Kept)>), String> {
+) -> Result<(owner::handle::Owned, Option<(store::Store, persist::Kept)>), String> {
     let (store, kept) = match &settings.state_dir {
         None => (None, persist::Kept::default()),
         Some(dir) => {
@@ -191,9 +191,10 @@ fn build_model(
         .add(AddRequest::new(Kind::Driver, proto::SIM_SCSI_DRIVER))
         .map_err(|e| format!("cannot create the sim-scsi driver: {e}"))?;
     let Some(mut store) = store else {
-        return Ok((owner::Owned::new(model, None), None));
+        return Ok((owner::handle::Owned::new(model, None), None));
     };
-    let (tracker, restored) = persist::Tracker::restore(&mut model, &kept, owner::now_micros());
+    let (tracker, restored) =
+        persist::Tracker::restore(&mut model, &kept, owner::handle::now_micros());
     for why in &restored.dropped {
         tracing::warn!("not restored: {why}");
     }
@@ -211,7 +212,7 @@ fn build_model(
     store
         .compact(&kept)
         .map_err(|e| format!("cannot write the state in {}: {e}", store.dir().display()))?;
-    let owned = owner::Owned::new(model, Some(tracker));
+    let owned = owner::handle::Owned::new(model, Some(tracker));
     Ok((owned, Some((store, kept))))
 }
 

@@ -1,7 +1,7 @@
 //! Maps engine errors and malformed options onto the typed D-Bus errors of
 //! the contract, one to one by kind: clients match on the error name.
 
-use crate::owner::OwnerGone;
+use crate::owner::handle::OwnerGone;
 
 /// An engine error as its `org.devmgr.DevMgr1.Error.*` counterpart.
 pub fn from_engine(e: drivers::Error) -> proto::Error {

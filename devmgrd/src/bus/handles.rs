@@ -19,7 +19,7 @@ use tokio::io::Interest;
 use tokio::net::unix::pipe;
 use tokio::sync::oneshot;
 
-use crate::owner::ModelHandle;
+use crate::owner::handle::ModelHandle;
 
 /// The daemon's ends of the handles it gave out, by reference.
 #[derive(Clone, Default)]

@@ -14,7 +14,7 @@ use drivers::{ExitAction, ObjectId};
 use tokio::sync::mpsc;
 
 use crate::machine::{claim, users};
-use crate::owner::WeakModelHandle;
+use crate::owner::handle::WeakModelHandle;
 
 /// Work for the executor, as the owner hands it over.
 pub enum Work {

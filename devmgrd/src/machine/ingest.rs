@@ -17,7 +17,7 @@ use drivers::{AddRequest, Kind, Model, ObjectId};
 use tokio::sync::mpsc;
 
 use crate::machine::uevents::{Action, Ingest, UEvent};
-use crate::owner::ModelHandle;
+use crate::owner::handle::ModelHandle;
 
 /// The devices the model holds from udev, by sys path.
 #[derive(Default)]
@@ -127,7 +127,7 @@ pub async fn run(
     }
 }
 
-fn coldplug_done(owned: &mut crate::owner::Owned) {
+fn coldplug_done(owned: &mut crate::owner::handle::Owned) {
     if let Some(tracker) = &mut owned.tracker {
         tracker.coldplug_done();
     }

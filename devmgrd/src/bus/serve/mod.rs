@@ -26,7 +26,7 @@ use futures_util::StreamExt;
 use zbus::message::{Flags, Header, Type};
 use zbus::{fdo, Connection, DBusError, MatchRule, Message, MessageStream};
 
-use crate::owner::ModelHandle;
+use crate::owner::handle::ModelHandle;
 
 /// What every call needs: the way to the model's owner, the handles given
 /// out, the callers' credentials, and the bus's message size limit.

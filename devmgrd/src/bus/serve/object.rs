@@ -12,7 +12,7 @@ use super::args::{flag, no_options, optional_u32, path_of, required, Options};
 use super::{introspect, is, properties, unknown_interface, unknown_method, Answer, Call, Failure};
 use crate::bus::authz::Verb;
 use crate::bus::errors::{bad_option, from_engine, from_owner};
-use crate::owner::now_micros;
+use crate::owner::handle::now_micros;
 
 /// Answers a call on object `id`.
 pub async fn call(call: &Call, id: ObjectId, interface: Option<&str>, member: &str) -> Answer {
