@@ -18,12 +18,13 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::Parser;
 use drivers::{AddRequest, Kind, Model};
 
-use bus::choice::{address_file, runtime_dir, BusChoice, EmbeddedBus};
-use bus::{authz, handles, peers, pump, serve};
+use bus::choice::{BusChoice, EmbeddedBus};
+use bus::{authz, peers};
 use config::Settings;
 use machine::{effects, ingest, replay, uevents, users};
+use owner::handle::ModelHandle;
 use state::{persist, store};
-use zbus::{connection, fdo};
+use zbus::connection;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
@@ -60,115 +61,6 @@ async fn main() -> ExitCode {
         Err(e) => {
             tracing::error!("{e}");
             ExitCode::FAILURE
-        }
-    }
-}
-
-/// Why devmgrd could not serve on a bus, and the owner's batches back (for
-/// a pump on another bus).
-struct Refused {
-    /// Whether another bus may be tried (never when another devmgrd runs).
-    fall_back: bool,
-    why: String,
-    batches: Option<tokio::sync::mpsc::UnboundedReceiver<owner::Batch>>,
-}
-
-/// Serves the manager on one bus: connects, starts answering calls, lets
-/// the pump publish what is queued, and only then claims the name, so that
-/// the first client to find devmgrd (systemd's readiness check among them)
-/// sees the whole model.
-async fn serve(
-    builder: connection::Builder<'_>,
-    handle: &owner::handle::ModelHandle,
-    authz: &authz::Authorizer,
-    // The bus's label and type, and the message size limit configured.
-    bus: (&str, serve::limits::BusType, Option<usize>),
-    writable: &store::Writable,
-    batches: tokio::sync::mpsc::UnboundedReceiver<owner::Batch>,
-    coldplugged: &tokio::sync::watch::Receiver<bool>,
-) -> Result<zbus::Connection, Refused> {
-    let (label, bus_type, configured_limit) = bus;
-    let refused = |why: String, batches| Refused {
-        fall_back: true,
-        why,
-        batches,
-    };
-    let conn = match builder.build().await {
-        Ok(conn) => conn,
-        Err(e) => {
-            return Err(refused(
-                format!("cannot serve on the {label} bus: {e}"),
-                Some(batches),
-            ))
-        }
-    };
-    let max_message = configured_limit.unwrap_or_else(|| serve::limits::max_message_size(bus_type));
-    tracing::debug!("the {label} bus accepts messages of up to {max_message} bytes");
-    let shared = serve::Shared {
-        handle: handle.clone(),
-        handles: handles::Handles::default(),
-        authz: authz.clone(),
-        max_message,
-        writable: writable.clone(),
-    };
-    let calls = match serve::start(&conn, shared.clone()).await {
-        Ok(calls) => calls,
-        Err(e) => {
-            return Err(refused(
-                format!("cannot receive calls on the {label} bus: {e}"),
-                Some(batches),
-            ))
-        }
-    };
-    let (stop, stopped) = tokio::sync::oneshot::channel();
-    let pump = tokio::spawn(pump::run(conn.clone(), shared, batches, stopped));
-    // The name is claimed once the machine's devices are modelled and
-    // published (what Type=dbus promises: the first call, the one that
-    // activated us, sees them), and everything queued before is published.
-    let mut coldplugged = coldplugged.clone();
-    let coldplug = coldplugged.wait_for(|done| *done).await.map(|_| ());
-    let refusal = match (coldplug, handle.read(|_| ()).await) {
-        (Err(_), _) => Some((
-            false,
-            "the device events stopped before the coldplug".to_owned(),
-        )),
-        (_, Err(_)) => Some((false, "the model's owner stopped".to_owned())),
-        (Ok(()), Ok(())) => {
-            let claimed = conn
-                .request_name_with_flags(proto::BUS_NAME, fdo::RequestNameFlags::DO_NOT_QUEUE)
-                .await;
-            match claimed {
-                Ok(fdo::RequestNameReply::PrimaryOwner | fdo::RequestNameReply::AlreadyOwner) => {
-                    None
-                }
-                // Another devmgrd: never fall back, never steal.
-                Ok(_) | Err(zbus::Error::NameTaken) => Some((
-                    false,
-                    format!(
-                        "{} is already owned on the {label} bus: is another devmgrd running?",
-                        proto::BUS_NAME
-                    ),
-                )),
-                Err(e) => Some((
-                    true,
-                    format!("cannot own {} on the {label} bus: {e}", proto::BUS_NAME),
-                )),
-            }
-        }
-    };
-    match refusal {
-        // `stop` dropped: the pump runs for as long as the daemon.
-        None => {
-            tokio::spawn(calls);
-            Ok(conn)
-        }
-        Some((fall_back, why)) => {
-            let _ = stop.send(());
-            Err(Refused {
-                fall_back,
-                why,
-                batches: pump.await.ok(),
-            })
         }
     }
 }
@@ -216,33 +108,18 @@ fn build_model(
     Ok((owned, Some((store, kept))))
 }
 
+/// The daemon, once its settings are whole: the model (restored) and its
+/// limits, the owner task with the kernel users watcher and the state
+/// directory's persister, the machine's device events, then the bus (the
+/// name claimed once the coldplug is published); it serves until a signal
+/// stops it or what it needs is lost.
 async fn run(settings: Settings) -> Result<(), String> {
     // From the start: a SIGTERM while devmgrd starts up must still shut it
     // down cleanly (a test once caught the default action killing it).
     let shutdown = shutdown_signals();
     let (mut owned, store) = build_model(&settings)?;
     // After the restore: the limits are for what clients add from now on.
-    let model = &mut owned.model;
-    model.set_reference_quota(Some(settings.max_references_per_client).filter(|&n| n > 0));
-    // Each reference holds a file descriptor open: all of them together may
-    // not take the descriptors devmgrd needs for its own work, and one user
-    // may not take them all (issue 13).
-    let capacity = reference_capacity();
-    let per_user = settings
-        .max_references_per_user
-        .unwrap_or_else(|| u32::try_from(capacity / 4).unwrap_or(u32::MAX));
-    model.set_reference_limit(Some(capacity));
-    // Root and devmgrd's own user could stop it anyway: the limit in all
-    // is theirs.
-    let exempt = [0, proto::runtime::current_uid()];
-    model.set_user_reference_quota(Some(per_user).filter(|&n| n > 0), &exempt);
-    tracing::info!(
-        "references: at most {capacity} in all, {} per user (root aside), {} per client connection",
-        limit_text(per_user),
-        limit_text(settings.max_references_per_client)
-    );
-    model.set_object_limit(Some(settings.max_objects).filter(|&n| n > 0));
-    model.set_added_quota(Some(settings.max_objects_per_client).filter(|&n| n > 0));
+    set_limits(&mut owned.model, &settings);
     let actuation = effects::Actuation {
         enabled: settings.actuate,
         sysfs_root: settings.sysfs_root.clone(),
@@ -277,7 +154,64 @@ async fn run(settings: Settings) -> Result<(), String> {
         peers: peers::Peers::default(),
     };
     // The device events start before the bus: the name is claimed once the
-    // coldplug is in (`serve`). A replay and `--no-udev` have no coldplug.
+    // coldplug is in (`bus::serve_on`).
+    let coldplugged = start_device_events(&settings, &handle, &watcher).await?;
+    let (conn, label, mut embedded) =
+        serve_on_chosen_bus(&settings, &handle, &authz, &writable, batches, &coldplugged).await?;
+    authz
+        .peers
+        .watch_departures(&conn)
+        .await
+        .map_err(|e| format!("cannot watch the bus's connections: {e}"))?;
+    tracing::info!("serving {} on the {label} bus", proto::BUS_NAME);
+    let bus_gone = bus::lost(&conn, &label)
+        .await
+        .map_err(|e| format!("cannot watch the bus connection: {e}"))?;
+    let lost = until_stopped(shutdown, embedded.as_mut(), bus_gone, state_failed).await;
+    tracing::info!("shutting down");
+    let _ = conn.release_name(proto::BUS_NAME).await;
+    if let Some(bus) = embedded {
+        bus.stop().await;
+    }
+    match lost {
+        None => Ok(()),
+        Some(why) => Err(why),
+    }
+}
+
+/// The limits on what clients take and add (docs/config.md), set after
+/// the restore: they are for what clients add from now on.
+fn set_limits(model: &mut Model, settings: &Settings) {
+    model.set_reference_quota(Some(settings.max_references_per_client).filter(|&n| n > 0));
+    // Each reference holds a file descriptor open: all of them together may
+    // not take the descriptors devmgrd needs for its own work, and one user
+    // may not take them all (issue 13).
+    let capacity = reference_capacity();
+    let per_user = settings
+        .max_references_per_user
+        .unwrap_or_else(|| u32::try_from(capacity / 4).unwrap_or(u32::MAX));
+    model.set_reference_limit(Some(capacity));
+    // Root and devmgrd's own user could stop it anyway: the limit in all
+    // is theirs.
+    let exempt = [0, proto::runtime::current_uid()];
+    model.set_user_reference_quota(Some(per_user).filter(|&n| n > 0), &exempt);
+    tracing::info!(
+        "references: at most {capacity} in all, {} per user (root aside), {} per client connection",
+        limit_text(per_user),
+        limit_text(settings.max_references_per_client)
+    );
+    model.set_object_limit(Some(settings.max_objects).filter(|&n| n > 0));
+    model.set_added_quota(Some(settings.max_objects_per_client).filter(|&n| n > 0));
+}
+
+/// Starts the machine's device events (a replay, or the udev monitor)
+/// into the ingestion; what it returns says when the coldplug is in. A
+/// replay and `--no-udev` have no coldplug.
+async fn start_device_events(
+    settings: &Settings,
+    handle: &ModelHandle,
+    watcher: &Option<users::Handle>,
+) -> Result<tokio::sync::watch::Receiver<bool>, String> {
     let (coldplugged_tx, coldplugged) =
         tokio::sync::watch::channel(settings.replay.is_some() || !settings.udev);
     if let Some(file) = settings.replay.clone() {
@@ -322,48 +256,31 @@ async fn run(settings: Settings) -> Result<(), String> {
     // Only the ingestion may say the coldplug is in; if it stops first, the
     // wait ends with an error instead of forever.
     drop(coldplugged_tx);
-    let runtime_dir = settings.runtime_dir.clone().unwrap_or_else(runtime_dir);
+    Ok(coldplugged)
+}
+
+/// Serves on the bus the settings choose, or on an embedded bus where
+/// `auto` finds none that serves (never when a bus activated us, nor when
+/// another devmgrd has the name). Returns the connection, the bus's label
+/// for the log, and the embedded bus if it is one.
+async fn serve_on_chosen_bus(
+    settings: &Settings,
+    handle: &ModelHandle,
+    authz: &authz::Authorizer,
+    writable: &store::Writable,
+    batches: tokio::sync::mpsc::UnboundedReceiver<owner::Batch>,
+    coldplugged: &tokio::sync::watch::Receiver<bool>,
+) -> Result<(zbus::Connection, String, Option<EmbeddedBus>), String> {
+    let runtime_dir = settings
+        .runtime_dir
+        .clone()
+        .unwrap_or_else(bus::choice::runtime_dir);
     let choice = settings.bus.clone().resolve();
     // Falling back to an embedded bus would leave a bus that activated us
     // waiting for a name that never comes: fail instead.
     let auto = settings.bus == BusChoice::Auto && !matches!(choice, BusChoice::Starter { .. });
     let mut embedded = None;
-    use serve::limits::BusType;
-    let shared = match &choice {
-        BusChoice::Session => Some((
-            connection::Builder::session(),
-            "session".to_owned(),
-            BusType::Session,
-        )),
-        BusChoice::System => Some((
-            connection::Builder::system(),
-            "system".to_owned(),
-            BusType::System,
-        )),
-        BusChoice::Address(a) => Some((
-            connection::Builder::address(a.as_str()),
-            a.clone(),
-            BusType::Unknown,
-        )),
-        BusChoice::Starter { address, bus_type } => Some((
-            connection::Builder::address(address.as_str()),
-            // "serving … on the activating system bus (unix:…)"
-            format!(
-                "activating {}",
-                if bus_type.is_empty() {
-                    address.clone()
-                } else {
-                    format!("{bus_type} ({address})")
-                }
-            ),
-            match bus_type.as_str() {
-                "system" => BusType::System,
-                "session" => BusType::Session,
-                _ => BusType::Unknown,
-            },
-        )),
-        BusChoice::Embedded | BusChoice::Auto => None,
-    };
+    let shared = choice.builder();
     let mut batches = Some(batches);
     let conn = match shared {
         Some((builder, label, bus_type)) => {
@@ -371,14 +288,14 @@ async fn run(settings: Settings) -> Result<(), String> {
                 return Err("the model's batches are gone".to_owned());
             };
             let limit = settings.max_message_size;
-            match serve(
+            match bus::serve_on(
                 builder,
-                &handle,
-                &authz,
+                handle,
+                authz,
                 (&label, bus_type, limit),
-                &writable,
+                writable,
                 taken,
-                &coldplugged,
+                coldplugged,
             )
             .await
             {
@@ -402,37 +319,44 @@ async fn run(settings: Settings) -> Result<(), String> {
             let bus = EmbeddedBus::start(&runtime_dir).await?;
             let address = bus.address().to_owned();
             embedded = Some(bus);
-            let conn = serve(
+            let conn = bus::serve_on(
                 connection::Builder::address(address.as_str()),
-                &handle,
-                &authz,
-                ("embedded", BusType::Unknown, settings.max_message_size),
-                &writable,
+                handle,
+                authz,
+                (
+                    "embedded",
+                    bus::serve::limits::BusType::Unknown,
+                    settings.max_message_size,
+                ),
+                writable,
                 taken,
-                &coldplugged,
+                coldplugged,
             )
             .await
             .map_err(|refused| refused.why)?;
             tracing::info!(
                 "embedded bus at {address} (written to {})",
-                address_file(&runtime_dir).display()
+                bus::choice::address_file(&runtime_dir).display()
             );
             (conn, "embedded".to_owned())
         }
     };
-    authz
-        .peers
-        .watch_departures(&conn)
-        .await
-        .map_err(|e| format!("cannot watch the bus's connections: {e}"))?;
-    tracing::info!("serving {} on the {label} bus", proto::BUS_NAME);
-    let bus_gone = bus_lost(&conn, &label)
-        .await
-        .map_err(|e| format!("cannot watch the bus connection: {e}"))?;
-    let lost = tokio::select! {
+    Ok((conn, label, embedded))
+}
+
+/// Waits for a reason to stop: SIGTERM or SIGINT (`None`), or the loss of
+/// the embedded bus, of the bus connection or name, or of the state
+/// directory (why).
+async fn until_stopped(
+    shutdown: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+    embedded: Option<&mut EmbeddedBus>,
+    bus_gone: impl std::future::Future<Output = String>,
+    state_failed: Option<tokio::sync::oneshot::Receiver<String>>,
+) -> Option<String> {
+    tokio::select! {
         () = wait_for_shutdown(shutdown) => None,
         why = async {
-            match embedded.as_mut() {
+            match embedded {
                 Some(bus) => bus.exited().await,
                 None => std::future::pending().await,
             }
@@ -447,39 +371,7 @@ async fn run(settings: Settings) -> Result<(), String> {
                 None => std::future::pending().await,
             }
         } => Some(why),
-    };
-    tracing::info!("shutting down");
-    let _ = conn.release_name(proto::BUS_NAME).await;
-    if let Some(bus) = embedded {
-        bus.stop().await;
     }
-    match lost {
-        None => Ok(()),
-        Some(why) => Err(why),
-    }
-}
-
-/// Resolves when the bus connection closes, or the bus takes our name away.
-async fn bus_lost(
-    conn: &zbus::Connection,
-    label: &str,
-) -> zbus::Result<impl std::future::Future<Output = String>> {
-    use futures_util::StreamExt;
-    let rule = zbus::MatchRule::builder()
-        .msg_type(zbus::message::Type::Signal)
-        .sender("org.freedesktop.DBus")
-        .member("NameLost")
-        .arg(0, proto::BUS_NAME)
-        .build()?;
-    let mut stream = zbus::MessageStream::for_match_rule(rule, conn, None).await?;
-    let label = label.to_owned();
-    Ok(async move {
-        match stream.next().await {
-            Some(Ok(_)) => format!("lost the name {} on the {label} bus", proto::BUS_NAME),
-            Some(Err(e)) => format!("lost the connection to the {label} bus: {e}"),
-            None => format!("lost the connection to the {label} bus"),
-        }
-    })
 }
 
 /// File descriptors kept for devmgrd's own work (the bus, the kernel users

@@ -12,6 +12,9 @@ use std::time::Duration;
 
 use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, Command};
+use zbus::connection;
+
+use crate::bus::serve::limits::BusType;
 
 /// The `--bus` choice.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,6 +82,47 @@ impl BusChoice {
             BusChoice::System
         } else {
             BusChoice::Embedded
+        }
+    }
+
+    /// The bus to try, how to connect to it, its label for the log and its
+    /// type (for its message size limit); `None` for the embedded bus.
+    /// Call it on a resolved choice: `auto` is `None` too.
+    pub(crate) fn builder(&self) -> Option<(connection::Builder<'static>, String, BusType)> {
+        match self {
+            BusChoice::Session => Some((
+                connection::Builder::session(),
+                "session".to_owned(),
+                BusType::Session,
+            )),
+            BusChoice::System => Some((
+                connection::Builder::system(),
+                "system".to_owned(),
+                BusType::System,
+            )),
+            BusChoice::Address(a) => Some((
+                connection::Builder::address(a.as_str()),
+                a.clone(),
+                BusType::Unknown,
+            )),
+            BusChoice::Starter { address, bus_type } => Some((
+                connection::Builder::address(address.as_str()),
+                // "serving … on the activating system bus (unix:…)"
+                format!(
+                    "activating {}",
+                    if bus_type.is_empty() {
+                        address.clone()
+                    } else {
+                        format!("{bus_type} ({address})")
+                    }
+                ),
+                match bus_type.as_str() {
+                    "system" => BusType::System,
+                    "session" => BusType::Session,
+                    _ => BusType::Unknown,
+                },
+            )),
+            BusChoice::Embedded | BusChoice::Auto => None,
         }
     }
 }
