@@ -34,7 +34,7 @@ async fn watching_from(source: &str, extra: &[&str]) -> (TestBus, Daemon, Client
     (bus, daemon, client)
 }
 
-/// What devmgrd's log says when it begins a real removal (effects.rs).
+/// What devmgrd's log says when it begins a real removal (devmgrd/src/machine/effects.rs).
 const REAL_REMOVAL: &str = "the real removal starts";
 
 /// For two seconds — time enough for a real action — the device stays

@@ -21,7 +21,7 @@
 //!   holder is gone (a fork may share its open file).
 //!
 //! The watcher opens no device node (only the brief exclusive claim of a
-//! real action does, `claim.rs`).
+//! real action does, `machine/claim.rs`).
 
 mod cnproc;
 pub mod detach;
