@@ -38,6 +38,11 @@ pub trait Manager {
     /// the end); options in docs/contract.md, "Listing a big model".
     fn list_objects(&self, query: Options<'_>) -> Result<(Vec<PageEntry>, String), Error>;
 
+    /// What the caller may do, verb by verb (`add`, `remove`,
+    /// `remove-force`, `stop`, `reenable`, `bind`, `unbind`, `acquire`):
+    /// `yes`, `challenge` (after authenticating to polkit) or `no`.
+    fn get_permissions(&self) -> Result<HashMap<String, String>, Error>;
+
     /// The contract version.
     #[zbus(property)]
     fn version(&self) -> zbus::Result<String>;

@@ -41,6 +41,27 @@ fn only_root_owns_the_name_and_anyone_may_call() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // nobody may ask what it may do: nothing but take references (no
+    // polkit runs on this bus to grant more).
+    let out = busctl_as_nobody(
+        &bus.address,
+        &[
+            "call",
+            proto::BUS_NAME,
+            proto::MANAGER_PATH,
+            proto::MANAGER_INTERFACE,
+            "GetPermissions",
+        ],
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(said.matches("\"no\"").count(), 7, "{said}");
+    assert!(said.contains("\"acquire\" \"yes\""), "{said}");
+
     // nobody may not own the name.
     let own = "import dbus,sys\n\
                b = dbus.bus.BusConnection(sys.argv[1])\n\
@@ -331,4 +352,46 @@ async fn polkit_authorizes_each_verb_on_its_own() {
         ],
         "devmgrd's questions to polkit"
     );
+
+    // GetPermissions says the same without doing anything: what polkit
+    // grants nobody, and everything to root.
+    let permissions = |out: std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let get = [
+        "call",
+        proto::BUS_NAME,
+        proto::MANAGER_PATH,
+        proto::MANAGER_INTERFACE,
+        "GetPermissions",
+    ];
+    let said = permissions(busctl_as_nobody(&bus.address, &get));
+    for (verb, answer) in [
+        ("add", "no"),
+        ("remove", "yes"),
+        ("remove-force", "no"),
+        ("stop", "yes"),
+        ("reenable", "no"),
+        ("bind", "no"),
+        ("unbind", "no"),
+        ("acquire", "yes"),
+    ] {
+        assert!(
+            said.contains(&format!("\"{verb}\" \"{answer}\"")),
+            "nobody may {verb}: {answer}? {said}"
+        );
+    }
+    let mut all = vec!["--address", bus.address.as_str()];
+    all.extend_from_slice(&get);
+    let said = permissions(Command::new("busctl").args(&all).output().expect("busctl"));
+    assert!(
+        said.starts_with("a{ss} 8 ") && !said.contains("\"no\""),
+        "root may do everything: {said}"
+    );
+    assert_eq!(root.state(&target).await.as_deref(), Some("removing"));
 }

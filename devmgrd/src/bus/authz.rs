@@ -60,9 +60,9 @@ impl Verb {
         }
     }
 
-    /// Every verb (the policy file must name each one's action).
-    #[cfg(test)]
-    const ALL: [Verb; 8] = [
+    /// Every verb (the policy file must name each one's action), in the
+    /// order `GetPermissions` lists them.
+    pub const ALL: [Verb; 8] = [
         Verb::Add,
         Verb::Remove,
         Verb::RemoveForce,
@@ -72,6 +72,35 @@ impl Verb {
         Verb::Unbind,
         Verb::Acquire,
     ];
+}
+
+/// What `GetPermissions` says of one verb for its caller (as logind's
+/// `CanPowerOff`): allowed now, allowed after authenticating to polkit, or
+/// refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Permission {
+    Yes,
+    Challenge,
+    No,
+}
+
+impl Permission {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Permission::Yes => "yes",
+            Permission::Challenge => "challenge",
+            Permission::No => "no",
+        }
+    }
+}
+
+impl Verb {
+    /// The name `GetPermissions` gives it: its polkit action's last part
+    /// (`remove-force`).
+    pub fn key(self) -> &'static str {
+        let action = self.action_id();
+        action.rsplit('.').next().unwrap_or(action)
+    }
 }
 
 /// The rules, fixed at start.
@@ -166,6 +195,37 @@ impl Authorizer {
     }
 }
 
+impl Authorizer {
+    /// What the caller of this call may do, verb by verb, without doing
+    /// it and without asking anyone to authenticate: what a client (the
+    /// Cockpit page) needs to offer only the actions that can succeed.
+    pub async fn permissions(
+        &self,
+        conn: &Connection,
+        header: &Header<'_>,
+    ) -> Result<Vec<(&'static str, Permission)>, proto::Error> {
+        let sender = header
+            .sender()
+            .ok_or_else(|| proto::Error::AccessDenied("the call has no sender".into()))?;
+        let caller = self.peers.caller(conn, sender).await?;
+        let mut answer = Vec::with_capacity(Verb::ALL.len());
+        for verb in Verb::ALL {
+            let permission = if self.policy.check(&caller, verb).is_ok() {
+                Permission::Yes
+            } else {
+                polkit_permission(conn, header, verb)
+                    .await
+                    .unwrap_or_else(|why| {
+                        tracing::debug!("polkit not consulted: {why}");
+                        Permission::No
+                    })
+            };
+            answer.push((verb.key(), permission));
+        }
+        Ok(answer)
+    }
+}
+
 fn text_of(e: proto::Error) -> String {
     match e {
         proto::Error::AccessDenied(text) => text,
@@ -177,24 +237,50 @@ fn text_of(e: proto::Error) -> String {
 /// caller) whether the caller may do `verb`. Err: polkit did not answer
 /// (it does not run there: on a session or embedded bus, say).
 async fn polkit_allows(conn: &Connection, header: &Header<'_>, verb: Verb) -> Result<bool, String> {
-    use zbus_polkit::policykit1::{AuthorityProxy, CheckAuthorizationFlags, Subject};
-    let subject = Subject::new_for_message_header(header).map_err(|e| e.to_string())?;
-    let authority = AuthorityProxy::new(conn).await.map_err(|e| e.to_string())?;
     let interactive = header
         .primary()
         .flags()
         .contains(zbus::message::Flags::ALLOW_INTERACTIVE_AUTH);
+    let result = polkit_check(conn, header, verb, interactive).await?;
+    Ok(result.is_authorized)
+}
+
+/// polkit's answer for `verb` with no interaction: a challenge means the
+/// caller could be authorized by authenticating.
+async fn polkit_permission(
+    conn: &Connection,
+    header: &Header<'_>,
+    verb: Verb,
+) -> Result<Permission, String> {
+    let result = polkit_check(conn, header, verb, false).await?;
+    Ok(if result.is_authorized {
+        Permission::Yes
+    } else if result.is_challenge {
+        Permission::Challenge
+    } else {
+        Permission::No
+    })
+}
+
+async fn polkit_check(
+    conn: &Connection,
+    header: &Header<'_>,
+    verb: Verb,
+    interactive: bool,
+) -> Result<zbus_polkit::policykit1::AuthorizationResult, String> {
+    use zbus_polkit::policykit1::{AuthorityProxy, CheckAuthorizationFlags, Subject};
+    let subject = Subject::new_for_message_header(header).map_err(|e| e.to_string())?;
+    let authority = AuthorityProxy::new(conn).await.map_err(|e| e.to_string())?;
     let flags = if interactive {
         CheckAuthorizationFlags::ALLOW_USER_INTERACTION
     } else {
         CheckAuthorizationFlags::empty()
     };
     let details = std::collections::HashMap::new();
-    let result = authority
+    authority
         .check_authorization(&subject, verb.action_id(), &details, flags, "")
         .await
-        .map_err(|e| e.to_string())?;
-    Ok(result.is_authorized)
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

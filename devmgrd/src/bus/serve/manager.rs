@@ -1,6 +1,6 @@
 //! `org.devmgr.DevMgr1.Manager` and `org.freedesktop.DBus.ObjectManager`
 //! at `/org/devmgr/DevMgr1`: Add, FindObject, the paged `ListObjects`, the
-//! counts, and GetManagedObjects, which answers LimitsExceeded rather than
+//! counts, the caller's `GetPermissions`, and GetManagedObjects, which answers LimitsExceeded rather than
 //! send more than the bus accepts.
 
 use std::collections::{BTreeMap, HashMap};
@@ -55,6 +55,7 @@ pub async fn call(call: &Call, interface: Option<&str>, member: &str) -> Answer 
         (_, "Add") if is(interface, proto::MANAGER_INTERFACE) => add(call).await,
         (_, "FindObject") if is(interface, proto::MANAGER_INTERFACE) => find(call).await,
         (_, "ListObjects") if is(interface, proto::MANAGER_INTERFACE) => list(call).await,
+        (_, "GetPermissions") if is(interface, proto::MANAGER_INTERFACE) => permissions(call).await,
         _ => Err(unknown_method(member)),
     }
 }
@@ -166,6 +167,22 @@ async fn find(call: &Call) -> Answer {
         .map_err(from_owner)?
         .map_err(from_engine)?;
     call.reply(&(path_of(Some(id)),)).await
+}
+
+/// What the caller may do, verb by verb: `yes`, `challenge` (after
+/// authenticating to polkit) or `no`. Changes nothing and asks nobody.
+async fn permissions(call: &Call) -> Answer {
+    let () = call.args()?;
+    let header = call.header();
+    let answer: HashMap<&str, &str> = call
+        .shared
+        .authz
+        .permissions(&call.conn, &header)
+        .await?
+        .into_iter()
+        .map(|(verb, permission)| (verb, permission.as_str()))
+        .collect();
+    call.reply(&(answer,)).await
 }
 
 /// One page entry: an object's path and its Object properties.
