@@ -1,7 +1,9 @@
 //! `cargo xtask`: the project's own tasks. `install` puts devmgrd, devctl,
-//! their systemd unit, D-Bus and polkit files, man pages and completions
-//! where a Linux system looks for them, under `DESTDIR` and `PREFIX` as a
-//! package build expects (docs/install.md); `uninstall` takes them away.
+//! their systemd unit, D-Bus and polkit files, man pages, completions and
+//! the Cockpit page where a Linux system looks for them, under `DESTDIR`
+//! and `PREFIX` as a package build expects (docs/install.md); `uninstall`
+//! takes them away; `cockpit` builds the Cockpit page's styles
+//! (docs/cockpit.md).
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -27,6 +29,10 @@ enum Task {
     /// Remove what `install` put there (never the configuration file, nor
     /// the state in /var/lib/devmgr).
     Uninstall(Options),
+    /// Build the Cockpit page (data/cockpit/devmgr) where it is: `npm ci`
+    /// of the pinned PatternFly when package-lock.json changed, then
+    /// build.mjs writes devmgr/vendor/. `install` does this itself.
+    Cockpit,
 }
 
 /// Where to install, from the options, else the environment variables of
@@ -90,6 +96,7 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Install(options) => install(&options.resolve()),
         Task::Uninstall(options) => uninstall(&options.resolve()),
+        Task::Cockpit => cockpit_page().map(|dir| println!("built {}", dir.display())),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -111,6 +118,8 @@ enum Source {
     /// What a built binary prints with these arguments (man pages,
     /// completions).
     Generated(&'static str, [&'static str; 2]),
+    /// A file of the built Cockpit page (data/cockpit/devmgr/…).
+    Cockpit(PathBuf),
 }
 
 /// One file to install: where it goes on the target system (absolute,
@@ -132,8 +141,15 @@ fn root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
-/// Every file `install` puts in place.
-fn layout(at: &Where) -> Result<Vec<Entry>, String> {
+/// Where the Cockpit page goes: Cockpit reads packages from
+/// share/cockpit/<name>/.
+fn cockpit_dir(at: &Where) -> PathBuf {
+    at.prefix.join("share/cockpit/devmgr")
+}
+
+/// Every file `install` puts in place; with `cockpit`, the built Cockpit
+/// page's files too.
+fn layout(at: &Where, cockpit: Option<&Path>) -> Result<Vec<Entry>, String> {
     let prefix = &at.prefix;
     for dir in [prefix, &at.sysconfdir] {
         if !dir.is_absolute() {
@@ -200,6 +216,12 @@ fn layout(at: &Where) -> Result<Vec<Entry>, String> {
             entries.push(file(share.join(path), 0o644, source));
         }
     }
+    if let Some(page) = cockpit {
+        for relative in files_under(page)? {
+            let path = cockpit_dir(at).join(&relative);
+            entries.push(file(path, 0o644, Source::Cockpit(relative)));
+        }
+    }
     // devmgrd reads /etc/devmgr/devmgrd.toml whatever the prefix.
     entries.push(Entry {
         path: at.sysconfdir.join("devmgr/devmgrd.toml"),
@@ -212,7 +234,12 @@ fn layout(at: &Where) -> Result<Vec<Entry>, String> {
 
 /// Every file's bytes, made in memory first: a failure to read or generate
 /// anything installs nothing.
-fn contents(entries: &[Entry], prefix: &Path, bin_dir: &Path) -> Result<Vec<Vec<u8>>, String> {
+fn contents(
+    entries: &[Entry],
+    prefix: &Path,
+    bin_dir: &Path,
+    cockpit: Option<&Path>,
+) -> Result<Vec<Vec<u8>>, String> {
     let data = root().join("data");
     let read = |name: &str| {
         std::fs::read(data.join(name)).map_err(|e| format!("cannot read data/{name}: {e}"))
@@ -236,6 +263,10 @@ fn contents(entries: &[Entry], prefix: &Path, bin_dir: &Path) -> Result<Vec<Vec<
             Source::Generated(tool, args) => {
                 let args: Vec<&str> = args.iter().copied().filter(|a| !a.is_empty()).collect();
                 generated(&bin_dir.join(tool), &args)
+            }
+            Source::Cockpit(relative) => {
+                let path = cockpit.unwrap_or(Path::new(".")).join(relative);
+                std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))
             }
         })
         .collect()
@@ -303,8 +334,15 @@ fn binaries(at: &Where) -> Result<PathBuf, String> {
 }
 
 fn install(at: &Where) -> Result<(), String> {
-    let entries = layout(at)?;
-    let contents = contents(&entries, &at.prefix, &binaries(at)?)?;
+    let page = cockpit_page()?;
+    let entries = layout(at, Some(&page))?;
+    let contents = contents(&entries, &at.prefix, &binaries(at)?, Some(&page))?;
+    // A file an older page had and this one has not would be served still.
+    let installed_page = staged(at.destdir.as_deref(), &cockpit_dir(at));
+    if installed_page.exists() {
+        std::fs::remove_dir_all(&installed_page)
+            .map_err(|e| format!("cannot replace {}: {e}", installed_page.display()))?;
+    }
     for (entry, content) in entries.iter().zip(&contents) {
         let path = staged(at.destdir.as_deref(), &entry.path);
         if entry.config && path.exists() {
@@ -353,13 +391,85 @@ fn write(path: &Path, content: &[u8], mode: u32) -> Result<(), String> {
 }
 
 fn uninstall(at: &Where) -> Result<(), String> {
-    for entry in layout(at)?.iter().filter(|e| !e.config) {
+    let page = staged(at.destdir.as_deref(), &cockpit_dir(at));
+    match std::fs::remove_dir_all(&page) {
+        Ok(()) => println!("removed   {}", page.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("cannot remove {}: {e}", page.display())),
+    }
+    for entry in layout(at, None)?.iter().filter(|e| !e.config) {
         let path = staged(at.destdir.as_deref(), &entry.path);
         match std::fs::remove_file(&path) {
             Ok(()) => println!("removed   {}", path.display()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(format!("cannot remove {}: {e}", path.display())),
         }
+    }
+    Ok(())
+}
+
+/// Every file under `dir`, relative to it, sorted (a stable install order).
+fn files_under(dir: &Path) -> Result<Vec<PathBuf>, String> {
+    fn walk(dir: &Path, root: &Path, out: &mut Vec<PathBuf>) -> Result<(), String> {
+        let entries =
+            std::fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+        for entry in entries {
+            let path = entry
+                .map_err(|e| format!("cannot read {}: {e}", dir.display()))?
+                .path();
+            if path.is_dir() {
+                walk(&path, root, out)?;
+            } else if let Ok(relative) = path.strip_prefix(root) {
+                out.push(relative.to_path_buf());
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out)?;
+    out.sort();
+    Ok(out)
+}
+
+/// Builds the Cockpit page in data/cockpit/devmgr and returns that
+/// directory: `npm ci` (the pinned PatternFly of package-lock.json) unless
+/// node_modules already holds exactly that lockfile's packages, then
+/// `node build.mjs`, which writes devmgr/vendor/ (docs/cockpit.md).
+fn cockpit_page() -> Result<PathBuf, String> {
+    let dir = root().join("data/cockpit");
+    let lock = std::fs::read(dir.join("package-lock.json"))
+        .map_err(|e| format!("cannot read data/cockpit/package-lock.json: {e}"))?;
+    // npm ci starts by deleting node_modules: skip it when the copy of the
+    // lockfile it was made from is the current one.
+    let stamp = dir.join("node_modules/.devmgr-package-lock.json");
+    if std::fs::read(&stamp).ok().as_deref() != Some(lock.as_slice()) {
+        run_in(
+            &dir,
+            "npm",
+            &["ci", "--no-audit", "--no-fund", "--ignore-scripts"],
+        )?;
+        std::fs::write(&stamp, &lock)
+            .map_err(|e| format!("cannot write {}: {e}", stamp.display()))?;
+    }
+    run_in(&dir, "node", &["build.mjs"])?;
+    Ok(dir.join("devmgr"))
+}
+
+/// Runs `program args` in `dir`, which must succeed.
+fn run_in(dir: &Path, program: &str, args: &[&str]) -> Result<(), String> {
+    let what = format!("{program} {}", args.join(" "));
+    let status = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .status()
+        .map_err(|e| {
+            format!(
+                "cannot run {what} in {}: {e} (the Cockpit page is built with Node.js and npm)",
+                dir.display()
+            )
+        })?;
+    if !status.success() {
+        return Err(format!("{what} in {} failed ({status})", dir.display()));
     }
     Ok(())
 }

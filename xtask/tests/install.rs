@@ -75,14 +75,64 @@ const STAGED: &[&str] = &[
     "usr/share/zsh/site-functions/_devmgrd",
 ];
 
+/// The Cockpit page's own files (issue 15), as data/cockpit/devmgr has them.
+const COCKPIT_PAGE: &[&str] = &[
+    "devmgr.css",
+    "devmgr.js",
+    "dialogs.js",
+    "dom.js",
+    "format.js",
+    "index.html",
+    "manifest.json",
+    "panels.js",
+    "store.js",
+    "tree.js",
+    "vendor/patternfly.css",
+];
+
+/// Every file install stages: the list above, the Cockpit page, and the
+/// fonts and icons its built styles name (whatever the pinned PatternFly
+/// ships: read from the build that install made).
+fn staged() -> Vec<String> {
+    let page = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/cockpit/devmgr");
+    let mut all: Vec<String> = STAGED.iter().map(|f| f.to_string()).collect();
+    all.extend(
+        COCKPIT_PAGE
+            .iter()
+            .map(|f| f.to_string())
+            .chain(
+                files(&page.join("vendor/assets"))
+                    .into_iter()
+                    .map(|f| format!("vendor/assets/{f}")),
+            )
+            .map(|f| format!("usr/share/cockpit/devmgr/{f}")),
+    );
+    all.sort();
+    all
+}
+
 #[test]
 fn installs_every_file_where_a_system_looks_for_it() {
     let stage = TempDir::unique("destdir");
     let destdir = stage.0.to_string_lossy().into_owned();
     xtask(&["install", "--destdir", &destdir, "--prefix", "/usr"]);
-    assert_eq!(files(&stage.0), STAGED);
+    let staged = staged();
+    assert_eq!(files(&stage.0), staged);
+    assert!(
+        staged.iter().any(|f| f.ends_with(".woff2")),
+        "the page's fonts are installed (it must work offline)"
+    );
+    // The page is installed as it is in the source tree.
+    let page = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/cockpit/devmgr");
+    for file in COCKPIT_PAGE {
+        assert!(
+            std::fs::read(stage.0.join("usr/share/cockpit/devmgr").join(file)).expect("installed")
+                == std::fs::read(page.join(file)).expect("source"),
+            "{file} is installed as built"
+        );
+    }
 
-    for file in STAGED {
+    for file in &staged {
         let path = stage.0.join(file);
         let meta = std::fs::metadata(&path).expect("stat");
         assert!(meta.len() > 0, "{file} is empty");
