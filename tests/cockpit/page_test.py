@@ -6,7 +6,8 @@
 #!   PAGE_URL             the page, as cockpit-ws serves it
 #!   DEVCTL               the devctl binary; DEVMGR_BUS_ADDRESS its bus
 #!   SCREENSHOTS          where to save screenshots (optional)
-#! One scenario per run (argv[1]): admin, readonly, refused, scale. It exits
+#!   DISK, MOUNT_POINT    the disk scenario's loop device and its mount
+#! One scenario per run (argv[1]): admin, disk, readonly, refused, scale. It exits
 #! non-zero with the reason on the first check that fails, and prints its
 #! measurements as one JSON line starting with "TIMINGS ".
 
@@ -160,10 +161,26 @@ class Page:
                 if e["level"] == "SEVERE" and "Uncaught" in e["message"]]
 
 
+def in_the_shell(page):
+    """The page is an entry of Cockpit's own menu (the manifest's "menu"),
+    and loads in the shell's frame for it."""
+    shell = URL.split("/cockpit/")[0] + "/devmgr"
+    page.d.get(shell)
+    page.wait(lambda: any(a.text == "Device manager" for a in page.d.find_elements(By.CSS_SELECTOR, "nav a")),
+              "Device manager in Cockpit's menu")
+    frame = page.wait(lambda: page.d.find_elements(By.CSS_SELECTOR, 'iframe[name="cockpit1:localhost/devmgr"]'),
+                      "the page's frame in the shell")[0]
+    page.d.switch_to.frame(frame)
+    page.wait(lambda: page.js("return document.body.dataset.rendered !== undefined"), "the page in the shell", 60)
+    page.d.switch_to.default_content()
+    page.shot("shell")
+
+
 def admin(page):
     """Root (devmgrd authorizes it): the tree, holders, pending removals,
     live updates, the dry run, force, stop, re-enable, add, errors."""
     devctl("add", "host", "host71", "--driver", "sim-scsi", "--luns", "3")
+    in_the_shell(page)
     timings["open_s"] = page.open()
     page.wait_row("host71")
     check(page.text("#read-only") is None, "no read-only notice for root")
@@ -303,6 +320,34 @@ def admin(page):
     page.shot("tree")
 
 
+def disk(page):
+    """A real disk (a loop device of the test's, ext4, mounted): the
+    kernel's mount is its holder; removing it from the page waits for the
+    mount, and the device goes, for real, once it is unmounted."""
+    name, at = os.environ["DISK"], os.environ["MOUNT_POINT"]
+    reason = f"mounted at {at} (ext4)"
+    page.open()
+    page.click('#show [data-show="machine"]')
+    page.wait(lambda: page.row(name) is not None and reason in page.row(name).text, f"{name} held by its mount")
+    page.select(name)
+    page.wait(lambda: reason in (page.text("#holders") or "") and "kernel: mounted filesystem" in page.text("#holders"),
+              "the mount in the holders panel")
+    page.open_remove(name)
+    check(page.js("return document.getElementById('preview-outcome').dataset.outcome") == "pending", "the dry run: pending")
+    check(reason in page.text("#preview-wait"), f"would wait on the mount: {page.text('#preview-wait')}")
+    page.click("#remove-confirm")
+    page.wait_row(name, "removing")
+    page.wait(lambda: reason in (page.text("#pending-list") or ""), "the pending removal waiting for the mount")
+    page.select(name)
+    page.wait(lambda: reason in (page.text("#waiting-for") or ""), "what the disk waits for")
+    page.shot("disk-pending")
+    check(os.path.ismount(at), "the filesystem is still mounted: a mounted disk is never torn away")
+    subprocess.run(["umount", at], check=True)
+    page.wait_no_row(name, 60)
+    check(not os.path.exists(f"/sys/block/{name}"), f"the kernel removed {name}")
+    page.not_reloaded()
+
+
 def readonly(page):
     """A user devmgrd does not authorize (no polkit rule): everything is
     shown, nothing can be changed."""
@@ -393,7 +438,7 @@ def scale(page):
     page.not_reloaded()
 
 
-SCENARIOS = {"admin": admin, "readonly": readonly, "refused": refused, "scale": scale}
+SCENARIOS = {"admin": admin, "disk": disk, "readonly": readonly, "refused": refused, "scale": scale}
 
 
 def main():

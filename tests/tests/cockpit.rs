@@ -3,8 +3,10 @@
 //! --local-session=cockpit-bridge`, talking to the real devmgrd on a private
 //! system-type bus with the shipped policy; headless Chromium driven by
 //! selenium and chromedriver (tests/cockpit/page_test.py). Scenarios: root
-//! (the tree, holders, a pending removal completing by itself, the dry run,
-//! force, stop, re-enable, add, errors), a user devmgrd does not authorize
+//! (the page in Cockpit's menu, the tree, holders, a pending removal
+//! completing by itself, the dry run, force, stop, re-enable, add, errors),
+//! a real mounted disk removed from the page once unmounted, a user devmgrd
+//! does not authorize
 //! (read-only), a user polkit would challenge (refused, readably, nothing
 //! changed), and 10,000 objects with bursts of 1,000 changes (timings are
 //! printed with `--nocapture`). It needs root, cockpit-ws, chromium,
@@ -17,6 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use devmgr_tests::disks::{self, LoopDisk};
 use devmgr_tests::system_bus::{self, SystemBus};
 use devmgr_tests::*;
 
@@ -272,6 +275,36 @@ fn an_administrator_sees_who_holds_what_and_removes_a_busy_host() {
     let _daemon = Daemon::start_at(&bus.address, &["--udev-source", "kernel", "--no-actuate"]);
     let ws = CockpitWs::start(None, &bus.address, &data.0);
     browse("admin", &ws, &bus.address, &[]);
+}
+
+/// A real disk: a loop device of the test's with a mounted ext4. The page
+/// shows the kernel's mount as its holder; the removal made from the page
+/// waits for it (the filesystem stays mounted), and the loop device goes,
+/// for real, once unmounted.
+#[test]
+fn a_mounted_disk_removed_from_the_page_goes_once_unmounted() {
+    let _one = ONE_BROWSER.lock().unwrap_or_else(|e| e.into_inner());
+    require_tools();
+    let _real_disks = disks::exclusive();
+    let data = page_data_home();
+    let bus = SystemBus::start();
+    let _daemon = Daemon::start_at(&bus.address, &["--udev-source", "kernel"]);
+    let mut disk = LoopDisk::create("cockpit", 16);
+    disk.mkfs(&disk.node());
+    let at = disk.mount_point("srv");
+    disk.mount(&disk.node(), &at);
+    let ws = CockpitWs::start(None, &bus.address, &data.0);
+    browse(
+        "disk",
+        &ws,
+        &bus.address,
+        &[
+            ("DISK", &disk.name()),
+            ("MOUNT_POINT", &at.to_string_lossy()),
+        ],
+    );
+    assert!(!LoopDisk::is_mounted(&at));
+    assert!(!disk.sys_block().exists(), "the loop device is gone");
 }
 
 /// As `nobody`, whom devmgrd does not authorize and no polkit runs for:

@@ -19,9 +19,10 @@ const BUS_NAME = "org.devmgr.DevMgr1";
 /// little).
 const FIRST_PAGE = 1000;
 const PAGE = 10000;
-/// The properties the tree needs; Attributes (the biggest, shown only in
-/// the details panel) are read when an object is selected.
-const LISTED = ["Kind", "Name", "State", "Parent", "Driver", "RefCount", "Holders", "Origin", "Subsystem", "SysPath", "LastError"];
+/// The properties the tree needs. cockpit-bridge's cost is per property
+/// (docs/cockpit.md): the rest (Attributes, Subsystem, SysPath), shown only
+/// in the details panel, is read when an object is selected.
+const LISTED = ["Kind", "Name", "State", "Parent", "Driver", "RefCount", "Holders", "Origin", "LastError"];
 
 const $ = id => document.getElementById(id);
 
@@ -100,26 +101,27 @@ function notifyError(err, verb, what) {
         h("div.pf-v5-c-alert__description", null, h("p.devmgr-error-name", null, d.name), h("p", null, d.message), d.hint ? h("p", null, d.hint) : null));
 }
 
-/// Reads an object's Attributes (left out of the listing) for its panel.
-const attributesAsked = new Set();
-function loadAttributes(path) {
-    if (attributesAsked.has(path)) return;
-    attributesAsked.add(path);
-    call(path, "org.freedesktop.DBus.Properties", "Get", ["org.devmgr.DevMgr1.Object", "Attributes"], "ss")
-        .then(([value]) => {
+/// Reads every property of an object (the listing left some out) for its
+/// panel.
+const asked = new Set();
+function loadAll(path) {
+    if (asked.has(path)) return;
+    asked.add(path);
+    call(path, "org.freedesktop.DBus.Properties", "GetAll", ["org.devmgr.DevMgr1.Object"], "s")
+        .then(([values]) => {
             if (store.get(path)) {
-                store.apply(path, { Attributes: value });
+                store.apply(path, values);
                 detailsDirty = true;
                 schedule();
             }
         })
         .catch(() => {}) // gone meanwhile: its removal redraws the panel
-        .finally(() => attributesAsked.delete(path));
+        .finally(() => asked.delete(path));
 }
 
 const ctx = {
     store,
-    loadAttributes,
+    loadAll,
     processOf,
     can,
     select,

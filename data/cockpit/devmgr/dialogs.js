@@ -143,7 +143,7 @@ export function removeDialog(ctx, path) {
             modal.close();
             ctx.notify(outcome === "removed" ? "success" : "info",
                 outcome === "removed" ? `${name} was removed` : `${name}: removal pending`,
-                outcome === "removed" ? "" : `${plural(pending.length, "object")} wait for their users; they go by themselves when idle, or choose Cancel removal.`);
+                outcome === "removed" ? "" : `${plural(pending.length, "object")} ${pending.length === 1 ? "waits" : "wait"} for ${pending.length === 1 ? "its" : "their"} users and ${pending.length === 1 ? "goes" : "go"} by ${pending.length === 1 ? "itself" : "themselves"} when idle; Cancel removal stops that.`);
         }).catch(err => {
             confirm.disabled = false;
             modal.error(err, verb());

@@ -1,5 +1,5 @@
 //! The panels beside the tree: the selected object's details with every
-//! holder (bus name or kernel user, uid, pid and process, reason, age) and
+//! holder (bus name or kernel user, process, pid and uid, reason, age) and
 //! its actions, and the list of pending removals, each with what it still
 //! waits for.
 
@@ -10,7 +10,7 @@ import { stateLabel, sourceLabel, holderKind, age, waitingText, plural } from ".
 const PENDING_SHOWN = 50;
 
 /// What the details panel needs from the page.
-/// ctx: { store, processOf(pid), can(verb) → {ok, why}, select(path), act: {remove, stop, reenable} }
+/// ctx: { store, processOf(pid), can(verb) → {ok, why}, select(path), loadAll(path), act: {remove, stop, reenable} }
 
 function actionButton(text, variant, verb, ctx, onclick, id) {
     const permission = ctx.can(verb);
@@ -50,20 +50,21 @@ function holdersTable(record, ctx, now) {
     if (record.refCount === 0) return h("p.devmgr-muted", { id: "holders-empty" }, "Nobody holds it.");
     const rows = [...record.holders].reverse().map(holder => {
         const kind = holderKind(holder);
-        const process = holder.pid > 0 ? `${ctx.processOf(holder.pid) || "?"} (pid ${holder.pid})` : "—";
+        const process = holder.pid > 0
+            ? `${ctx.processOf(holder.pid) || "?"} (pid ${holder.pid}, uid ${holder.uid})`
+            : holder.uid ? `uid ${holder.uid}` : "—";
         const since = new Date(holder.since / 1000);
         return h("tr.pf-v5-c-table__tr", { dataset: { holder: holder.holder } },
             h("td.pf-v5-c-table__td", { "data-label": "Holder" }, kind.kernel ? label(kind.text, "cyan") : kind.text),
             h("td.pf-v5-c-table__td", { "data-label": "Process" }, process),
-            h("td.pf-v5-c-table__td", { "data-label": "UID" }, String(holder.uid)),
             h("td.pf-v5-c-table__td.devmgr-reason", { "data-label": "Reason" }, holder.reason || "—"),
-            h("td.pf-v5-c-table__td", { "data-label": "Held for", title: since.toLocaleString() }, age(holder.since, now)));
+            h("td.pf-v5-c-table__td", { "data-label": "Held for", title: `since ${since.toLocaleString()}` }, age(holder.since, now)));
     });
     const missing = record.refCount - record.holders.length;
     return h("div", null,
-        h("table.pf-v5-c-table.pf-m-compact.pf-m-grid-md", { id: "holders", "aria-label": "Holders" },
+        h("table.pf-v5-c-table.pf-m-compact.devmgr-holders-table", { id: "holders", "aria-label": "Holders" },
             h("thead.pf-v5-c-table__thead", null, h("tr.pf-v5-c-table__tr", null,
-                ["Holder", "Process", "UID", "Reason", "Held for"].map(t => h("th.pf-v5-c-table__th", { scope: "col" }, t)))),
+                ["Holder", "Process", "Reason", "Held for"].map(t => h("th.pf-v5-c-table__th", { scope: "col" }, t)))),
             h("tbody.pf-v5-c-table__tbody", null, rows)),
         missing > 0 ? h("p.devmgr-muted", null, `and ${plural(missing, "older holder")} not listed (devmgrd bounds Holders to fit the bus)`) : null);
 }
@@ -95,7 +96,7 @@ export function renderDetails(container, path, ctx) {
     if (record.lastError) {
         notes.push(alert("danger", "The last driver action failed", h("p", null, record.lastError)));
     }
-    if (record.attributes === null) ctx.loadAttributes(record.path);
+    if (record.attributes === null) ctx.loadAll(record.path);
     const attributes = Object.entries(record.attributes || {}).sort(([a], [b]) => a.localeCompare(b));
     container.replaceChildren(
         h("div.pf-v5-c-card__header", null, h("div.pf-v5-c-card__title", null,
@@ -104,6 +105,9 @@ export function renderDetails(container, path, ctx) {
         h("div.pf-v5-c-card__body", null,
             actions(record, ctx),
             notes,
+            h("h3.pf-v5-c-title.pf-m-md.devmgr-subtitle", null, `Holders (${record.refCount.toLocaleString("en")})`),
+            holdersTable(record, ctx, now),
+            h("h3.pf-v5-c-title.pf-m-md.devmgr-subtitle", null, "Properties"),
             descriptions([
                 ["Kind", record.kind],
                 ["Source", `${source.text}: ${source.title}`],
@@ -112,11 +116,8 @@ export function renderDetails(container, path, ctx) {
                 record.subsystem && ["Subsystem", record.subsystem],
                 record.sysPath && ["Sys path", h("code", null, record.sysPath)],
                 ["Below it", below.length ? plural(below.length, "object") : "nothing"],
-                ["References", h("span", { id: "details-refcount" }, String(record.refCount))],
                 ["Object path", h("code", null, record.path)],
             ]),
-            h("h3.pf-v5-c-title.pf-m-md.devmgr-subtitle", null, "Holders"),
-            holdersTable(record, ctx, now),
             attributes.length ? h("details.devmgr-attributes", null,
                 h("summary", null, `Attributes (${attributes.length})`),
                 descriptions(attributes.map(([k, v]) => [k, v]))) : null));

@@ -32,7 +32,9 @@ const FIELDS = {
     Driver: ["driver", String],
     RefCount: ["refCount", Number],
     Holders: ["holders", list => (list || []).map(holderOf)],
-    Attributes: ["attributes", map => ({ ...(map || {}) })], // null until read
+    // null until read: the listing leaves Attributes, Subsystem and SysPath
+    // out; InterfacesAdded and GetAll carry them.
+    Attributes: ["attributes", map => ({ ...(map || {}) })],
     Origin: ["origin", String],
     Subsystem: ["subsystem", String],
     SysPath: ["sysPath", String],

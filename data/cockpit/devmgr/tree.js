@@ -1,5 +1,6 @@
 //! The device tree as a PatternFly tree table: drivers, hosts and devices
-//! with their state, source and holders; collapsible, searchable and
+//! with their kind, state, source and holders (the rest is in the details
+//! panel); collapsible, searchable and
 //! filtered. The table is virtual: the list of visible objects is an array
 //! (rebuilt only when objects come, go or move, or the filter changes), and
 //! only the rows in the scrolled window are in the document, between two
@@ -32,8 +33,8 @@ export class TreeView {
         this.list = []; // [record, level] of every visible object, in order
         this.rowHeight = 0; // measured from the first row drawn
         this.window = [0, 0]; // the list's slice now in the document
-        this.top = h("tr.devmgr-spacer", { "aria-hidden": "true" }, h("td", { colspan: "6" }));
-        this.bottom = h("tr.devmgr-spacer", { "aria-hidden": "true" }, h("td", { colspan: "6" }));
+        this.top = h("tr.devmgr-spacer", { "aria-hidden": "true" }, h("td", { colspan: "5" }));
+        this.bottom = h("tr.devmgr-spacer", { "aria-hidden": "true" }, h("td", { colspan: "5" }));
     }
 
     get visibleCount() {
@@ -91,7 +92,7 @@ export class TreeView {
         }
         if (!this.query) return true;
         const q = this.query;
-        if (record.name.toLowerCase().includes(q) || record.sysPath.toLowerCase().includes(q)) return true;
+        if (record.name.toLowerCase().includes(q)) return true;
         return record.holders.some(hd => hd.reason.toLowerCase().includes(q) || hd.holder.toLowerCase().includes(q));
     }
 
@@ -208,8 +209,7 @@ export class TreeView {
             h("td.pf-v5-c-table__td.devmgr-kind", { "data-label": "Kind" }),
             h("td.pf-v5-c-table__td.devmgr-state", { "data-label": "State" }),
             h("td.pf-v5-c-table__td.devmgr-source", { "data-label": "Source" }),
-            h("td.pf-v5-c-table__td.devmgr-holders", { "data-label": "Holders" }),
-            h("td.pf-v5-c-table__td.devmgr-driver", { "data-label": "Driver" }));
+            h("td.pf-v5-c-table__td.devmgr-holders", { "data-label": "Holders" }));
         row.addEventListener("click", () => this.onSelect(path));
         return row;
     }
@@ -236,7 +236,7 @@ export class TreeView {
         row.classList.toggle("pf-m-expanded", expanded);
         if (hasChildren) row.setAttribute("aria-expanded", String(expanded));
         else row.removeAttribute("aria-expanded");
-        const [title, kindCell, stateCell, sourceCell, holdersCell, driverCell] = row.children;
+        const [title, kindCell, stateCell, sourceCell, holdersCell] = row.children;
         const toggle = title.querySelector(".pf-v5-c-table__toggle");
         toggle.hidden = !hasChildren;
         toggle.firstChild.classList.toggle("pf-m-expanded", expanded);
@@ -253,7 +253,5 @@ export class TreeView {
         } else {
             holdersCell.textContent = "";
         }
-        const driver = record.driver !== "/" ? this.store.get(record.driver) : null;
-        driverCell.textContent = driver ? this.store.displayName(driver) : "";
     }
 }
