@@ -373,14 +373,17 @@ Holders     -
     );
     assert_eq!(
         masked(&ok(&bus, &["status"])),
-        "\
-daemon       devmgrd 0.1.0
+        format!(
+            "\
+daemon       devmgrd {}
 bus          $DEVMGR_BUS_ADDRESS (ADDRESS)
 objects      2 (1 driver, 1 host)
 states       2 live
 references   0
 pending      0 object(s) removing
-"
+",
+            env!("CARGO_PKG_VERSION")
+        )
     );
     assert_eq!(
         ok(&bus, &["remove", "h", "--dry-run"]),

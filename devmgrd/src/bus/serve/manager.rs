@@ -1,7 +1,7 @@
 //! `org.devmgr.DevMgr1.Manager` and `org.freedesktop.DBus.ObjectManager`
 //! at `/org/devmgr/DevMgr1`: Add, FindObject, the paged `ListObjects`, the
-//! counts, the caller's `GetPermissions`, and GetManagedObjects, which answers LimitsExceeded rather than
-//! send more than the bus accepts.
+//! counts, the caller's `GetPermissions`, and GetManagedObjects, which
+//! answers LimitsExceeded rather than send more than the bus accepts.
 
 use std::collections::{BTreeMap, HashMap};
 
