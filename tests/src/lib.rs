@@ -283,6 +283,24 @@ fn newest_source(dir: &Path) -> Option<(PathBuf, std::time::SystemTime)> {
     newest
 }
 
+/// `cargo xtask ARGS` (release) from the workspace, which must succeed.
+pub fn cargo_xtask(args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO"))
+        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+        .args(["run", "--quiet", "--release", "-p", "xtask", "--"])
+        .args(args)
+        .output()
+        .expect("cargo xtask");
+    assert!(
+        out.status.success(),
+        "cargo xtask {}: {}\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// A private session-type dbus-daemon in its own directory.
 pub struct TestBus {
     /// The dbus-daemon process.

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use crate::{wait_for_listener, TempDir};
+use crate::{busctl_at, wait_for, wait_for_listener, TempDir};
 
 /// The stock system bus configuration, listening on `socket`, with these
 /// policy files included and what a private test bus must not do (fork,
@@ -188,4 +188,67 @@ pub fn run_every_call(address: &str, groups: Option<&str>) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A file put in place for one test and removed after it.
+pub struct Installed(std::path::PathBuf);
+
+impl Installed {
+    pub fn new(path: impl Into<std::path::PathBuf>, contents: &str) -> Installed {
+        let path = path.into();
+        std::fs::write(&path, contents)
+            .unwrap_or_else(|e| panic!("cannot write {} (root needed): {e}", path.display()));
+        Installed(path)
+    }
+}
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// polkitd on a system-type bus (one with the polkit bus policy:
+/// [`polkit_bus`]), stopped when dropped.
+pub struct Polkitd(Child);
+
+impl Drop for Polkitd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts polkitd on the bus at `address` and waits for its name.
+pub fn start_polkitd(address: &str) -> Polkitd {
+    let polkitd = "/usr/lib/polkit-1/polkitd";
+    assert!(
+        Path::new(polkitd).exists(),
+        "{polkitd} is missing (package polkitd; .ci/deps installs it)"
+    );
+    // It starts as root and switches to its own user by itself.
+    let child = Command::new(polkitd)
+        .env("DBUS_SYSTEM_BUS_ADDRESS", address)
+        .arg("--no-debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("polkitd");
+    let polkitd = Polkitd(child);
+    wait_for(
+        || {
+            busctl_at(address, &["status", "org.freedesktop.PolicyKit1"])
+                .status
+                .success()
+        },
+        "polkitd on the system-type bus",
+    );
+    polkitd
+}
+
+/// A system-type bus with devmgr's policy and polkitd's, for tests that
+/// run polkitd on it.
+pub fn polkit_bus() -> SystemBus {
+    let polkit_policy = Path::new("/usr/share/dbus-1/system.d/org.freedesktop.PolicyKit1.conf");
+    SystemBus::start_with(&[&data_policy(), polkit_policy], None)
 }

@@ -20,7 +20,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use devmgr_tests::disks::{self, LoopDisk};
-use devmgr_tests::system_bus::{self, SystemBus};
+use devmgr_tests::system_bus::{self, start_polkitd, Installed, SystemBus};
 use devmgr_tests::*;
 
 const COCKPIT_WS: &str = "/usr/lib/cockpit/cockpit-ws";
@@ -64,25 +64,7 @@ fn require_tools() {
 /// The page, built from the source tree and copied where a user other
 /// than root can read it: XDG_DATA_HOME/cockpit/devmgr.
 fn page_data_home() -> TempDir {
-    let out = Command::new(env!("CARGO"))
-        .current_dir(workspace())
-        .args([
-            "run",
-            "--quiet",
-            "--release",
-            "-p",
-            "xtask",
-            "--",
-            "cockpit",
-        ])
-        .output()
-        .expect("cargo xtask cockpit");
-    assert!(
-        out.status.success(),
-        "cargo xtask cockpit: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cargo_xtask(&["cockpit"]);
     let home = TempDir::unique("cockpit-data");
     let target = home.0.join("cockpit/devmgr");
     copy_tree(&workspace().join("data/cockpit/devmgr"), &target);
@@ -211,70 +193,41 @@ fn browse(scenario: &str, ws: &CockpitWs, bus: &str, env: &[(&str, &str)]) -> St
     timings
 }
 
-/// polkitd on `bus` (it starts as root and drops to its own user).
-struct Polkitd(Child);
-
-impl Polkitd {
-    fn start(bus: &str) -> Polkitd {
-        let child = Command::new("/usr/lib/polkit-1/polkitd")
-            .env("DBUS_SYSTEM_BUS_ADDRESS", bus)
-            .arg("--no-debug")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("polkitd (package polkitd)");
-        let polkitd = Polkitd(child);
-        wait_for(
-            || {
-                busctl_at(bus, &["status", "org.freedesktop.PolicyKit1"])
-                    .status
-                    .success()
-            },
-            "polkitd on the system-type bus",
-        );
-        polkitd
-    }
+/// Holds the browser lock (one Chromium at a time) once the tools are
+/// known to be there.
+fn one_browser() -> std::sync::MutexGuard<'static, ()> {
+    let guard = ONE_BROWSER.lock().unwrap_or_else(|e| e.into_inner());
+    require_tools();
+    guard
 }
 
-impl Drop for Polkitd {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// Runs `scenario` against devmgrd (started with `daemon_args` on `bus`)
+/// through a cockpit-ws run as `user` (root if none).
+fn run_scenario(
+    scenario: &str,
+    bus: &SystemBus,
+    user: Option<&str>,
+    daemon_args: &[&str],
+    env: &[(&str, &str)],
+) {
+    let data = page_data_home();
+    let _daemon = Daemon::start_at(&bus.address, daemon_args);
+    let ws = CockpitWs::start(user, &bus.address, &data.0);
+    browse(scenario, &ws, &bus.address, env);
 }
 
-/// A file put in place for the test and taken away after.
-struct Placed(PathBuf);
-
-impl Placed {
-    fn new(path: String, text: &str) -> Placed {
-        std::fs::write(&path, text).unwrap_or_else(|e| panic!("{path}: {e}"));
-        Placed(PathBuf::from(path))
-    }
-}
-
-impl Drop for Placed {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// As root: the tree with the machine's devices and simulated ones told
-/// apart, a host whose LUN is held removed and shown pending with the
-/// holder's reason, then gone from the page when the holder lets go (no
-/// reload); the dry run then a confirmed removal; force and detach-mounts
-/// with their warnings; stop, re-enable, cancel; add from the page; an
-/// error by its D-Bus name.
+/// As root: the page in Cockpit's menu; the tree with the machine's
+/// devices and simulated ones told apart, a host whose LUN is held removed
+/// and shown pending with the holder's reason, then gone from the page when
+/// the holder lets go (no reload); the dry run then a confirmed removal;
+/// force and detach-mounts with their warnings; stop, re-enable, cancel;
+/// add from the page; an error by its D-Bus name.
 #[test]
 fn an_administrator_sees_who_holds_what_and_removes_a_busy_host() {
-    let _one = ONE_BROWSER.lock().unwrap_or_else(|e| e.into_inner());
-    require_tools();
-    let data = page_data_home();
-    let bus = SystemBus::start();
+    let _one = one_browser();
     // The machine's real devices (kernel uevents), never acted on.
-    let _daemon = Daemon::start_at(&bus.address, &["--udev-source", "kernel", "--no-actuate"]);
-    let ws = CockpitWs::start(None, &bus.address, &data.0);
-    browse("admin", &ws, &bus.address, &[]);
+    let args = ["--udev-source", "kernel", "--no-actuate"];
+    run_scenario("admin", &SystemBus::start(), None, &args, &[]);
 }
 
 /// A real disk: a loop device of the test's with a mounted ext4. The page
@@ -283,26 +236,19 @@ fn an_administrator_sees_who_holds_what_and_removes_a_busy_host() {
 /// for real, once unmounted.
 #[test]
 fn a_mounted_disk_removed_from_the_page_goes_once_unmounted() {
-    let _one = ONE_BROWSER.lock().unwrap_or_else(|e| e.into_inner());
-    require_tools();
+    let _one = one_browser();
     let _real_disks = disks::exclusive();
-    let data = page_data_home();
-    let bus = SystemBus::start();
-    let _daemon = Daemon::start_at(&bus.address, &["--udev-source", "kernel"]);
     let mut disk = LoopDisk::create("cockpit", 16);
     disk.mkfs(&disk.node());
     let at = disk.mount_point("srv");
     disk.mount(&disk.node(), &at);
-    let ws = CockpitWs::start(None, &bus.address, &data.0);
-    browse(
-        "disk",
-        &ws,
-        &bus.address,
-        &[
-            ("DISK", &disk.name()),
-            ("MOUNT_POINT", &at.to_string_lossy()),
-        ],
-    );
+    let env = [
+        ("DISK", disk.name()),
+        ("MOUNT_POINT", at.to_string_lossy().into_owned()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let args = ["--udev-source", "kernel"];
+    run_scenario("disk", &SystemBus::start(), None, &args, &env);
     assert!(!LoopDisk::is_mounted(&at));
     assert!(!disk.sys_block().exists(), "the loop device is gone");
 }
@@ -312,13 +258,14 @@ fn a_mounted_disk_removed_from_the_page_goes_once_unmounted() {
 /// says it is read-only, and nothing changes.
 #[test]
 fn a_user_without_rights_sees_everything_read_only() {
-    let _one = ONE_BROWSER.lock().unwrap_or_else(|e| e.into_inner());
-    require_tools();
-    let data = page_data_home();
-    let bus = SystemBus::start();
-    let _daemon = Daemon::start_at(&bus.address, &["--no-udev"]);
-    let ws = CockpitWs::start(Some("nobody"), &bus.address, &data.0);
-    browse("readonly", &ws, &bus.address, &[]);
+    let _one = one_browser();
+    run_scenario(
+        "readonly",
+        &SystemBus::start(),
+        Some("nobody"),
+        &["--no-udev"],
+        &[],
+    );
 }
 
 /// As `nobody`, whom a polkit rule would let act after authenticating
@@ -327,29 +274,24 @@ fn a_user_without_rights_sees_everything_read_only() {
 /// get authorized, and nothing changes.
 #[test]
 fn a_refused_action_is_shown_by_its_error_name_and_changes_nothing() {
-    let _one = ONE_BROWSER.lock().unwrap_or_else(|e| e.into_inner());
-    require_tools();
-    let data = page_data_home();
+    let _one = one_browser();
     let actions = std::fs::read_to_string(workspace().join("data/org.devmgr.DevMgr1.policy"))
         .expect("the polkit actions");
     let id = std::process::id();
-    let _actions = Placed::new(
+    let _actions = Installed::new(
         format!("/usr/share/polkit-1/actions/org.devmgr.DevMgr1.cockpit-test-{id}.policy"),
         &actions,
     );
-    let _rule = Placed::new(
+    let _rule = Installed::new(
         format!("/etc/polkit-1/rules.d/10-devmgr-cockpit-test-{id}.rules"),
         "polkit.addRule(function(action, subject) {\n\
          \x20   if (subject.user == \"nobody\" && action.id.indexOf(\"org.devmgr.DevMgr1.\") == 0)\n\
          \x20       return polkit.Result.AUTH_ADMIN;\n\
          });\n",
     );
-    let polkit_policy = Path::new("/usr/share/dbus-1/system.d/org.freedesktop.PolicyKit1.conf");
-    let bus = SystemBus::start_with(&[&system_bus::data_policy(), polkit_policy], None);
-    let _polkitd = Polkitd::start(&bus.address);
-    let _daemon = Daemon::start_at(&bus.address, &["--no-udev"]);
-    let ws = CockpitWs::start(Some("nobody"), &bus.address, &data.0);
-    browse("refused", &ws, &bus.address, &[]);
+    let bus = system_bus::polkit_bus();
+    let _polkitd = start_polkitd(&bus.address);
+    run_scenario("refused", &bus, Some("nobody"), &["--no-udev"], &[]);
 }
 
 /// 10,000 objects (one Add) render, then an Add and a Remove of 1,000 LUNs
@@ -357,11 +299,6 @@ fn a_refused_action_is_shown_by_its_error_name_and_changes_nothing() {
 /// (docs/cockpit.md has them), not asserted.
 #[test]
 fn ten_thousand_objects_render_and_bursts_keep_the_page_responsive() {
-    let _one = ONE_BROWSER.lock().unwrap_or_else(|e| e.into_inner());
-    require_tools();
-    let data = page_data_home();
-    let bus = SystemBus::start();
-    let _daemon = Daemon::start_at(&bus.address, &["--no-udev"]);
-    let ws = CockpitWs::start(None, &bus.address, &data.0);
-    browse("scale", &ws, &bus.address, &[]);
+    let _one = one_browser();
+    run_scenario("scale", &SystemBus::start(), None, &["--no-udev"], &[]);
 }

@@ -6,10 +6,11 @@
 //! daemon's decision, not the bus's.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use devmgr_tests::system_bus::{
-    self, as_nobody, busctl_as_nobody, nobody_calls, run_every_call, SystemBus,
+    self, as_nobody, busctl_as_nobody, nobody_calls, run_every_call, start_polkitd, Installed,
+    SystemBus,
 };
 use devmgr_tests::*;
 
@@ -128,60 +129,6 @@ async fn an_unprivileged_caller_may_acquire_but_not_change_anything() {
     );
 }
 
-/// A file put in place for one test and removed after it.
-struct Installed(std::path::PathBuf);
-
-impl Installed {
-    fn new(path: impl Into<std::path::PathBuf>, contents: &str) -> Installed {
-        let path = path.into();
-        std::fs::write(&path, contents)
-            .unwrap_or_else(|e| panic!("cannot write {} (root needed): {e}", path.display()));
-        Installed(path)
-    }
-}
-
-impl Drop for Installed {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// polkitd on a system-type bus.
-struct Polkitd(Child);
-
-impl Drop for Polkitd {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_polkitd(address: &str) -> Polkitd {
-    let polkitd = "/usr/lib/polkit-1/polkitd";
-    assert!(
-        Path::new(polkitd).exists(),
-        "{polkitd} is missing (package polkitd; .ci/deps installs it)"
-    );
-    // It starts as root and switches to its own user by itself.
-    let child = Command::new(polkitd)
-        .env("DBUS_SYSTEM_BUS_ADDRESS", address)
-        .arg("--no-debug")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("polkitd");
-    let polkitd = Polkitd(child);
-    wait_for(
-        || {
-            busctl_at(address, &["status", "org.freedesktop.PolicyKit1"])
-                .status
-                .success()
-        },
-        "polkitd on the system-type bus",
-    );
-    polkitd
-}
-
 /// polkit (issue 6): a caller who is neither root nor in the authorized
 /// group is allowed what polkit authorizes, action by action — a forced
 /// removal is an action of its own — and denied the rest, which changes
@@ -209,8 +156,7 @@ async fn polkit_authorizes_each_verb_on_its_own() {
 });
 "#,
     );
-    let polkit_policy = Path::new("/usr/share/dbus-1/system.d/org.freedesktop.PolicyKit1.conf");
-    let bus = SystemBus::start_with(&[&system_bus::data_policy(), polkit_policy], None);
+    let bus = system_bus::polkit_bus();
     let _polkitd = start_polkitd(&bus.address);
     let _daemon = Daemon::start_at(&bus.address, &["--no-udev"]);
     let root = Client::connect(&bus.address).await;

@@ -23,30 +23,16 @@ fn install_into(root: &Path) {
         .parent()
         .expect("binary dir")
         .to_path_buf();
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let out = std::process::Command::new(env!("CARGO"))
-        .current_dir(&workspace)
-        .args([
-            "run",
-            "--quiet",
-            "--release",
-            "-p",
-            "xtask",
-            "--",
-            "install",
-        ])
-        .arg("--destdir")
-        .arg(root)
-        .args(["--prefix", "/usr", "--bin-dir"])
-        .arg(&bin_dir)
-        .output()
-        .expect("cargo xtask install");
-    assert!(
-        out.status.success(),
-        "cargo xtask install: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (root, bin_dir) = (root.to_string_lossy(), bin_dir.to_string_lossy());
+    cargo_xtask(&[
+        "install",
+        "--destdir",
+        &root,
+        "--prefix",
+        "/usr",
+        "--bin-dir",
+        &bin_dir,
+    ]);
 }
 
 /// The users of the polkit checks, and a rules.d file that lets the
