@@ -406,7 +406,7 @@ def scale(page):
     timings["open_to_rendered_s"] = round(page.open(), 3)
     check(page.rows() == total, f"{page.rows()} rows listed for {total} objects")
     t = page.js("return window.devmgrTimings")
-    for key in ("script", "connected", "listed", "rendered"):
+    for key in ("script", "connected", "first", "listed", "rendered"):
         timings[f"page_{key}_ms"] = round(t[key])
     timings["rows_in_document"] = page.js("return document.querySelectorAll('#tree tr[data-name]').length")
     # The last LUN is there, at the bottom.
