@@ -226,15 +226,20 @@ impl Container {
         container.leader = container.wait_for_leader(start);
         // Booted: systemd has reached its default target (or says why not).
         // (systemctl needs systemd's private socket, which comes a moment
-        // after PID 1 does.)
+        // after PID 1 does; and before PID 1 has made /run/systemd/system,
+        // systemctl says "offline" at once, as on a machine without
+        // systemd: CI once met that.)
         let state = loop {
             let state = container.sh("systemctl is-system-running --wait");
-            if !state.stderr.contains("Failed to connect to bus") {
+            let not_yet = state.stderr.contains("Failed to connect to bus")
+                || state.stdout.trim() == "offline";
+            if !not_yet {
                 break state;
             }
             assert!(
                 start.elapsed() < Duration::from_secs(60),
-                "the container's systemd did not answer within 60 s: {}",
+                "the container's systemd did not answer within 60 s: {} {}",
+                state.stdout,
                 state.stderr
             );
             std::thread::sleep(Duration::from_millis(10));
