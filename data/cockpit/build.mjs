@@ -6,7 +6,7 @@
 //! Same inputs, same bytes out: no dates, no absolute paths.
 
 import { createHash } from "node:crypto";
-import { copyFileSync, existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { copyFileSync, existsSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { dirname, join, normalize } from "node:path";
 import { fileURLToPath } from "node:url";
 
@@ -73,16 +73,32 @@ for (const file of ["patternfly-base.css", ...PARTS]) {
     parts.push(`/* ${file} */\n${css}\n`);
 }
 
-rmSync(out, { recursive: true, force: true });
-mkdirSync(out, { recursive: true });
-writeFileSync(join(out, "patternfly.css"), parts.join(""));
-const listed = [];
-for (const asset of [...assets].sort()) {
+// Build beside the output, then swap: several `cargo xtask` may build at
+// once (the install tests do), and a reader must never see a half-made
+// vendor/. When the result is what is there already, nothing is touched.
+const css = parts.join("");
+const digest = createHash("sha256").update(css).digest("hex").slice(0, 16);
+const wanted = [...assets].sort();
+const same = existsSync(join(out, "patternfly.css")) &&
+    readFileSync(join(out, "patternfly.css"), "utf8") === css &&
+    wanted.every(asset => existsSync(join(out, asset)) &&
+        readFileSync(join(out, asset)).equals(readFileSync(join(pf, asset))));
+if (same) {
+    console.log(`devmgr/vendor: up to date (PatternFly ${version}, sha256 ${digest}…, ${wanted.length} assets)`);
+    process.exit(0);
+}
+const fresh = `${out}.new-${process.pid}`;
+rmSync(fresh, { recursive: true, force: true });
+mkdirSync(fresh, { recursive: true });
+writeFileSync(join(fresh, "patternfly.css"), css);
+for (const asset of wanted) {
     const from = join(pf, asset);
     if (!existsSync(from)) fail(`${asset}, named by the styles, is not in the package`);
-    mkdirSync(dirname(join(out, asset)), { recursive: true });
-    copyFileSync(from, join(out, asset));
-    listed.push(asset);
+    mkdirSync(dirname(join(fresh, asset)), { recursive: true });
+    copyFileSync(from, join(fresh, asset));
 }
-const digest = createHash("sha256").update(parts.join("")).digest("hex").slice(0, 16);
-console.log(`devmgr/vendor: patternfly.css (${version}, sha256 ${digest}…) and ${listed.length} assets`);
+const old = `${out}.old-${process.pid}`;
+if (existsSync(out)) renameSync(out, old);
+renameSync(fresh, out);
+rmSync(old, { recursive: true, force: true });
+console.log(`devmgr/vendor: patternfly.css (${version}, sha256 ${digest}…) and ${wanted.length} assets`);

@@ -437,6 +437,19 @@ fn files_under(dir: &Path) -> Result<Vec<PathBuf>, String> {
 /// `node build.mjs`, which writes devmgr/vendor/ (docs/cockpit.md).
 fn cockpit_page() -> Result<PathBuf, String> {
     let dir = root().join("data/cockpit");
+    // One build at a time (the install tests run several xtasks at once):
+    // npm ci starts by deleting node_modules. build.mjs leaves an
+    // up-to-date vendor/ untouched, so what one xtask read stays as it was
+    // while the next one builds.
+    let guard = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(".build-lock"))
+        .map_err(|e| format!("cannot open data/cockpit/.build-lock: {e}"))?;
+    guard
+        .lock()
+        .map_err(|e| format!("cannot lock data/cockpit/.build-lock: {e}"))?;
     let lock = std::fs::read(dir.join("package-lock.json"))
         .map_err(|e| format!("cannot read data/cockpit/package-lock.json: {e}"))?;
     // npm ci starts by deleting node_modules: skip it when the copy of the
