@@ -14,6 +14,7 @@
 //! them. One browser at a time: the scenarios take the same lock.
 
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -128,7 +129,11 @@ impl CockpitWs {
                 c
             }
         };
+        // A process group of its own: cockpit-bridge starts a session bus
+        // (dbus-daemon --session) that outlives a killed bridge unless the
+        // whole group goes (Drop).
         let child = command
+            .process_group(0)
             .args(["--port", &port.to_string(), "-a", "127.0.0.1"])
             .arg("--local-session=cockpit-bridge")
             .env_clear()
@@ -159,7 +164,11 @@ impl CockpitWs {
 
 impl Drop for CockpitWs {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // cockpit-ws, its bridge and the bridge's session bus.
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let group = nix::unistd::Pid::from_raw(pid);
+            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+        }
         let _ = self.child.wait();
     }
 }
