@@ -173,10 +173,7 @@ impl Authorizer {
         header: &Header<'_>,
         verb: Verb,
     ) -> Result<Arc<Caller>, proto::Error> {
-        let sender = header
-            .sender()
-            .ok_or_else(|| proto::Error::AccessDenied("the call has no sender".into()))?;
-        let caller = self.peers.caller(conn, sender).await?;
+        let caller = self.caller_of(conn, header).await?;
         let Err(denied) = self.policy.check(&caller, verb) else {
             return Ok(caller);
         };
@@ -193,9 +190,7 @@ impl Authorizer {
             }
         }
     }
-}
 
-impl Authorizer {
     /// What the caller of this call may do, verb by verb, without doing
     /// it and without asking anyone to authenticate: what a client (the
     /// Cockpit page) needs to offer only the actions that can succeed.
@@ -204,25 +199,40 @@ impl Authorizer {
         conn: &Connection,
         header: &Header<'_>,
     ) -> Result<Vec<(&'static str, Permission)>, proto::Error> {
-        let sender = header
-            .sender()
-            .ok_or_else(|| proto::Error::AccessDenied("the call has no sender".into()))?;
-        let caller = self.peers.caller(conn, sender).await?;
+        let caller = self.caller_of(conn, header).await?;
         let mut answer = Vec::with_capacity(Verb::ALL.len());
+        // Where polkit does not answer once (no polkitd on this bus), it is
+        // not asked seven more times.
+        let mut polkit_answers = true;
         for verb in Verb::ALL {
             let permission = if self.policy.check(&caller, verb).is_ok() {
                 Permission::Yes
+            } else if !polkit_answers {
+                Permission::No
             } else {
                 polkit_permission(conn, header, verb)
                     .await
                     .unwrap_or_else(|why| {
                         tracing::debug!("polkit not consulted: {why}");
+                        polkit_answers = false;
                         Permission::No
                     })
             };
             answer.push((verb.key(), permission));
         }
         Ok(answer)
+    }
+
+    /// The caller of this call (its credentials, asked once per connection).
+    async fn caller_of(
+        &self,
+        conn: &Connection,
+        header: &Header<'_>,
+    ) -> Result<Arc<Caller>, proto::Error> {
+        let sender = header
+            .sender()
+            .ok_or_else(|| proto::Error::AccessDenied("the call has no sender".into()))?;
+        self.peers.caller(conn, sender).await
     }
 }
 
