@@ -311,3 +311,21 @@ fn ten_thousand_objects_render_and_bursts_keep_the_page_responsive() {
     let _one = one_browser();
     run_scenario("scale", &SystemBus::start(), None, &["--no-udev"], &[]);
 }
+
+/// The page's mirror of the model (store.js) on its own, under `node
+/// --test` (tests/cockpit/store_test.mjs): pages and signals in bus order,
+/// moves, removals, and what a pending removal waits for. Needs no browser.
+#[test]
+fn the_pages_mirror_follows_pages_and_signals_in_bus_order() {
+    let out = Command::new("node")
+        .arg("--test")
+        .arg(workspace().join("tests/cockpit/store_test.mjs"))
+        .output()
+        .expect("node (Node.js; .ci/deps installs it)");
+    assert!(
+        out.status.success(),
+        "node --test store_test.mjs:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -9,7 +9,7 @@ import { Store, MANAGER_PATH, MANAGER_IFACE } from "./store.js";
 import { TreeView } from "./tree.js";
 import { renderDetails, renderPending } from "./panels.js";
 import { removeDialog, addHostDialog } from "./dialogs.js";
-import { h, alert } from "./dom.js";
+import { h, alert, errorBody } from "./dom.js";
 import { describeError, plural } from "./format.js";
 
 const BUS_NAME = "org.devmgr.DevMgr1";
@@ -83,13 +83,10 @@ function select(path) {
     schedule();
 }
 
-/// Page-level messages (results of actions, connection problems).
-function notify(variant, title, body, key) {
-    const box = alert(variant, title, body ? h("p", null, body) : null, () => box.remove());
-    if (key) {
-        box.dataset.key = key;
-        for (const old of $("alerts").querySelectorAll(`[data-key="${key}"]`)) old.remove();
-    }
+/// Page-level messages (results of actions); `body` is text or a node.
+function notify(variant, title, body) {
+    const content = typeof body === "string" ? (body ? h("p", null, body) : null) : body;
+    const box = alert(variant, title, content, () => box.remove());
     $("alerts").append(box);
     if (variant === "success" || variant === "info") setTimeout(() => box.remove(), 8000);
     return box;
@@ -97,8 +94,7 @@ function notify(variant, title, body, key) {
 
 function notifyError(err, verb, what) {
     const d = describeError(err, verb);
-    notify("danger", `${what}: ${d.title}`, null).querySelector(".pf-v5-c-alert__title").after(
-        h("div.pf-v5-c-alert__description", null, h("p.devmgr-error-name", null, d.name), h("p", null, d.message), d.hint ? h("p", null, d.hint) : null));
+    notify("danger", `${what}: ${d.title}`, errorBody(d));
 }
 
 /// Reads every property of an object (the listing left some out) for its
@@ -196,7 +192,7 @@ function fail(err) {
     $("empty-title").textContent = d.name === "org.freedesktop.DBus.Error.ServiceUnknown" || d.name === "not-found"
         ? "devmgrd is not running"
         : `Cannot read devmgrd's objects: ${d.title}`;
-    $("empty-body").replaceChildren(h("div", null, h("p.devmgr-error-name", null, d.name), h("p", null, d.message), d.hint ? h("p", null, d.hint) : null));
+    $("empty-body").replaceChildren(errorBody(d));
     $("empty").hidden = false;
     $("summary").textContent = "Not connected";
 }

@@ -3,7 +3,7 @@
 //! force and detach-mounts each behind an explicit warning) and Add of a
 //! simulated host. Errors stay in the dialog, named by their D-Bus name.
 
-import { h, button, alert } from "./dom.js";
+import { h, button, alert, errorBody } from "./dom.js";
 import { describeError, waitingText, plural } from "./format.js";
 
 let openModalBox = null;
@@ -35,11 +35,7 @@ export function openModal({ id, title, body, footer, onclose }) {
         close,
         error(err, verb) {
             const d = describeError(err, verb);
-            errorSlot.replaceChildren(alert("danger", `${d.title}`, [
-                h("p.devmgr-error-name", null, d.name),
-                h("p", null, d.message),
-                d.hint ? h("p", null, d.hint) : null,
-            ]));
+            errorSlot.replaceChildren(alert("danger", d.title, errorBody(d)));
         },
         clearError() { errorSlot.replaceChildren(); },
     };

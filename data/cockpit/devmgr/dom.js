@@ -60,3 +60,12 @@ export function descriptions(pairs) {
             h("dt.pf-v5-c-description-list__term", null, h("span.pf-v5-c-description-list__text", null, term)),
             h("dd.pf-v5-c-description-list__description", null, h("div.pf-v5-c-description-list__text", null, value)))));
 }
+
+/// An error described by format.js's describeError: its D-Bus name,
+/// devmgrd's message, and what to do, as the body of an alert.
+export function errorBody(d) {
+    return h("div", null,
+        h("p.devmgr-error-name", null, d.name),
+        h("p", null, d.message),
+        d.hint ? h("p", null, d.hint) : null);
+}

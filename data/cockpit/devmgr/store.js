@@ -2,7 +2,8 @@
 //! and bindings, kept from ListObjects pages and the ObjectManager and
 //! PropertiesChanged signals, applied in the order the bus delivers them
 //! (a page reflects every signal sent before it: docs/contract.md). Pure:
-//! no DOM and no cockpit here, so that node can test it on its own.
+//! no DOM and no cockpit here, so node tests it on its own
+//! (tests/cockpit/store_test.mjs).
 
 export const MANAGER_PATH = "/org/devmgr/DevMgr1";
 export const OBJECTS_PREFIX = "/org/devmgr/DevMgr1/objects/";
@@ -75,16 +76,6 @@ export class Store {
         this.sorted = new Map(); // parent path → its children sorted (dropped on change)
         this.structure = 0; // bumped when an object comes, goes or moves
         this.changed = new Set(); // paths whose properties changed since take()
-        this.listeners = [];
-    }
-
-    /// Calls `listener()` after every change (the view batches them).
-    subscribe(listener) {
-        this.listeners.push(listener);
-    }
-
-    notify() {
-        for (const listener of this.listeners) listener();
     }
 
     clear() {
@@ -94,7 +85,6 @@ export class Store {
         this.sorted.clear();
         this.structure++;
         this.changed.clear();
-        this.notify();
     }
 
     link(index, key, path) {
@@ -180,14 +170,12 @@ export class Store {
         } else {
             return false;
         }
-        this.notify();
         return true;
     }
 
     /// One ListObjects page: entries [path, properties].
     page(entries) {
         for (const [path, props] of entries) this.apply(path, props);
-        this.notify();
     }
 
     /// The paths whose properties changed since the last call.
