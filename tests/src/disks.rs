@@ -117,6 +117,96 @@ pub fn run(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs a tool that opens `device` with `O_EXCL` (mkfs.ext4, mkswap) and
+/// must succeed. The kernel refuses that claim with EBUSY while anyone
+/// else claims the device or its whole disk, and on a loaded machine
+/// something briefly did (CI saw mkswap refused once, right after a
+/// partition of the same disk was mounted); whoever it was let go at
+/// once, so EBUSY is retried for 5 s. If it lasts, the panic says who
+/// holds the device and who has its nodes open.
+pub fn run_claiming(program: &str, args: &[&str], device: &Path) -> String {
+    let start = std::time::Instant::now();
+    loop {
+        let out = Command::new(program)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("{program}: {e}"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() {
+            return String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        // (mkswap says EBUSY's text; mke2fs its own words for it.)
+        let busy = ["Device or resource busy", "apparently in use by the system"];
+        if !busy.iter().any(|b| stderr.contains(b))
+            || start.elapsed() > std::time::Duration::from_secs(5)
+        {
+            panic!(
+                "{program} {args:?}: {}{stderr}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                who_uses(device)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// What the kernel says holds `device` and its whole disk (sysfs
+/// `holders`, mounts, swap) and which processes have either node open:
+/// for the message of a test that found it busy.
+fn who_uses(device: &Path) -> String {
+    let name = device
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let class = PathBuf::from("/sys/class/block").join(&name);
+    let whole = std::fs::canonicalize(&class)
+        .ok()
+        .filter(|p| p.join("partition").exists())
+        .and_then(|p| p.parent().and_then(|w| w.file_name()).map(|w| w.to_owned()))
+        .map(|w| w.to_string_lossy().into_owned());
+    let mut report = String::new();
+    for dev in std::iter::once(name.clone()).chain(whole) {
+        let holders: Vec<String> = std::fs::read_dir(format!("/sys/class/block/{dev}/holders"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        report += &format!("{dev}: holders {holders:?}\n");
+        let node = format!("/dev/{dev}");
+        for line in std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .chain(
+                std::fs::read_to_string("/proc/swaps")
+                    .unwrap_or_default()
+                    .lines(),
+            )
+            .filter(|l| l.split(' ').any(|w| w == node))
+        {
+            report += &format!("  {line}\n");
+        }
+        for pid in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let fds = pid.path().join("fd");
+            let open = std::fs::read_dir(&fds)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == Path::new(&node)));
+            if open {
+                let comm = std::fs::read_to_string(pid.path().join("comm")).unwrap_or_default();
+                report += &format!(
+                    "  open by pid {} ({})\n",
+                    pid.file_name().to_string_lossy(),
+                    comm.trim()
+                );
+            }
+        }
+    }
+    report
+}
+
 /// A loop device of the test's own, with a backing file.
 pub struct LoopDisk {
     /// Its number: `/dev/loop<number>`.
@@ -179,7 +269,11 @@ impl LoopDisk {
 
     /// An ext4 filesystem on `device` (the disk or one of its partitions).
     pub fn mkfs(&self, device: &Path) {
-        run("mkfs.ext4", &["-q", "-F", &device.to_string_lossy()]);
+        run_claiming(
+            "mkfs.ext4",
+            &["-q", "-F", &device.to_string_lossy()],
+            device,
+        );
     }
 
     /// Writes a DOS partition table with `count` partitions of 8 MiB each
@@ -223,7 +317,7 @@ impl LoopDisk {
 
     /// Swap on `device` (turned off when dropped, if still on).
     pub fn swapon(&mut self, device: &Path) {
-        run("mkswap", &["-q", &device.to_string_lossy()]);
+        run_claiming("mkswap", &["-q", &device.to_string_lossy()], device);
         run("swapon", &[&device.to_string_lossy()]);
         self.swap.push(device.to_owned());
     }
