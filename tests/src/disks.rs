@@ -102,19 +102,24 @@ pub fn loop_control(request: u32, number: u32) -> Result<(), String> {
     }
 }
 
-/// Runs a command that must succeed; panics with its output otherwise.
-pub fn run(program: &str, args: &[&str]) -> String {
+/// Runs a command once: its stdout if it succeeded, else its stdout and
+/// stderr.
+fn attempt(program: &str, args: &[&str]) -> Result<String, String> {
     let out = Command::new(program)
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("{program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.success() {
+        Ok(stdout)
+    } else {
+        Err(stdout + &String::from_utf8_lossy(&out.stderr))
+    }
+}
+
+/// Runs a command that must succeed; panics with its output otherwise.
+pub fn run(program: &str, args: &[&str]) -> String {
+    attempt(program, args).unwrap_or_else(|output| panic!("{program} {args:?}: {output}"))
 }
 
 /// Runs a tool that opens `device` with `O_EXCL` (mkfs.ext4, mkswap) and
@@ -127,24 +132,16 @@ pub fn run(program: &str, args: &[&str]) -> String {
 pub fn run_claiming(program: &str, args: &[&str], device: &Path) -> String {
     let start = std::time::Instant::now();
     loop {
-        let out = Command::new(program)
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("{program}: {e}"));
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        if out.status.success() {
-            return String::from_utf8_lossy(&out.stdout).into_owned();
-        }
+        let output = match attempt(program, args) {
+            Ok(stdout) => return stdout,
+            Err(output) => output,
+        };
         // (mkswap says EBUSY's text; mke2fs its own words for it.)
         let busy = ["Device or resource busy", "apparently in use by the system"];
-        if !busy.iter().any(|b| stderr.contains(b))
+        if !busy.iter().any(|b| output.contains(b))
             || start.elapsed() > std::time::Duration::from_secs(5)
         {
-            panic!(
-                "{program} {args:?}: {}{stderr}\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                who_uses(device)
-            );
+            panic!("{program} {args:?}: {output}\n{}", who_uses(device));
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
